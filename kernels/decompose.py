@@ -1,0 +1,273 @@
+"""One forward pass of a CLIP ViT that also returns its exact additive decomposition (DESIGN §3).
+
+Everything is computed from the weights in a `ViTSpec`; attention is evaluated in full only
+where the residual stream needs it, and per head only along the class-token query row, so memory
+stays O(token · head · embed) per layer.
+
+ln_post folding. With μ, σ of the final class token frozen, ln_post followed by the projection is
+affine, so a component c of x^L_0 maps to f(c) = (c @ P̃)/σ + s·o, where
+  split:  P̃ = diag(γ) P,                 o = Pᵀβ − (μ/σ)·Pᵀγ, shares s = 1/K over the K components
+  center: P̃ = (I − 11ᵀ/d) diag(γ) P,    o = 0, and Pᵀβ is a term of its own (in `direct/bias`).
+The K components of the `split` convention are: the embedding, each layer's MLP, each (layer,
+head) and each layer's out-projection bias (K = 1 + 2L + LH). A head's share is divided equally
+over its tokens, so per-token terms sum to the per-head terms in both conventions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from clipscope.errors import ConfigError, ModelError
+from clipscope.kernels.vit import BlockParams, LayerNormParams, ViTSpec, check_layers
+
+CONVENTIONS = ("split", "center")
+
+
+@dataclass(frozen=True)
+class DecomposeRequest:
+    """What one forward should return besides the image embedding (layers are 0-based)."""
+
+    direct: bool = True
+    token_layers: tuple[int, ...] = ()
+    second_order_layers: tuple[int, ...] = ()
+    activation_layers: tuple[int, ...] = ()
+    convention: str = "split"
+
+    def validated(self, spec: ViTSpec) -> "DecomposeRequest":
+        if self.convention not in CONVENTIONS:
+            raise ConfigError(f"ln convention must be one of {', '.join(CONVENTIONS)}, got {self.convention!r}")
+        second = check_layers(spec, self.second_order_layers, "second-order layers")
+        if second and second[-1] == spec.n_layers - 1:
+            raise ConfigError(
+                f"second-order layers: layer {second[-1]} is the last layer and has no later attention layer"
+            )
+        return DecomposeRequest(
+            direct=self.direct,
+            token_layers=check_layers(spec, self.token_layers, "token layers"),
+            second_order_layers=second,
+            activation_layers=check_layers(spec, self.activation_layers, "activation layers"),
+            convention=self.convention,
+        )
+
+
+def activation(name: str, x: Tensor) -> Tensor:
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    raise ModelError(f"unknown activation {name!r}")
+
+
+def layer_norm(p: LayerNormParams, x: Tensor) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), p.weight, p.bias, p.eps)
+
+
+def layer_norm_stats(p: LayerNormParams, x: Float[Tensor, "*batch width"]) -> tuple[Tensor, Tensor]:
+    """The mean and σ = sqrt(var + eps) that LayerNorm divides by, per vector."""
+    mean = x.mean(-1)
+    var = x.var(-1, unbiased=False)
+    return mean, torch.sqrt(var + p.eps)
+
+
+def embed(spec: ViTSpec, images: Float[Tensor, "batch 3 h w"]) -> Float[Tensor, "batch token width"]:
+    if tuple(images.shape[-2:]) != spec.image_size or images.ndim != 4 or images.shape[1] != 3:
+        raise ModelError(
+            f"image batch has shape {tuple(images.shape)}, expected [batch, 3, {spec.image_size[0]}, "
+            f"{spec.image_size[1]}] for this model"
+        )
+    patches = F.conv2d(images, spec.patch_weight, spec.patch_bias, stride=spec.patch_size)
+    patches = patches.flatten(2).transpose(1, 2)
+    cls = spec.class_embedding.expand(images.shape[0], 1, -1)
+    x = torch.cat([cls.to(patches.dtype), patches], dim=1) + spec.positional_embedding
+    return layer_norm(spec.ln_pre, x) if spec.ln_pre is not None else x
+
+
+def folded_projection(spec: ViTSpec, convention: str) -> Float[Tensor, "width embed"]:
+    """P̃ of the module docstring: ln_post's scale (and centring) folded into the projection."""
+    p = spec.ln_post.weight[:, None] * spec.proj
+    if convention == "center":
+        p = p - p.mean(0, keepdim=True)
+    return p
+
+
+def head_readout(block: BlockParams, p_fold: Float[Tensor, "width embed"]) -> Float[Tensor, "head e embed"]:
+    """Per head: value-space vector z ↦ its folded output direction (LayerScale and W_O included)."""
+    return torch.einsum("hwe,w,wd->hed", block.w_o, block.ls_1, p_fold)
+
+
+def _attention(block: BlockParams, y: Tensor, need_cls_row: bool):
+    """Full multi-head attention over all tokens; optionally the class-token query row explicitly."""
+    b, t, w = y.shape
+    h, e = block.w_q.shape[:2]
+    w_qkv = torch.cat([block.w_q, block.w_k, block.w_v]).reshape(3 * h * e, w)
+    b_qkv = torch.cat([block.b_q, block.b_k, block.b_v]).reshape(3 * h * e)
+    q, k, v = F.linear(y, w_qkv, b_qkv).reshape(b, t, 3, h, e).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v)  # [batch head token e]
+    cls_attn = None
+    if need_cls_row:
+        scores = torch.einsum("bhe,bhte->bht", q[:, :, 0], k) * e**-0.5
+        cls_attn = scores.softmax(-1)  # [batch head token]
+        # The class token's output is taken from the explicit row so the decomposition and the
+        # residual stream are the same numbers, not two roundings of them.
+        out = out.clone()
+        out[:, :, 0] = torch.einsum("bht,bhte->bhe", cls_attn, v)
+    return out, cls_attn, v
+
+
+def decompose(
+    spec: ViTSpec,
+    images: Float[Tensor, "batch 3 h w"],
+    request: DecomposeRequest = DecomposeRequest(),
+) -> dict[str, Tensor]:
+    """Forward `images` and return the requested terms, keyed by their store array names.
+
+    Always: ``image_embedding`` [batch embed] (= the model's ``encode_image``).
+    direct: ``direct/embedding`` [batch embed], ``direct/mlps`` [batch layer embed],
+      ``direct/heads`` [batch layer head embed], ``direct/bias`` [batch embed];
+      embedding + Σ mlps + Σ heads + bias = image_embedding.
+    token_layers: ``direct/tokens`` [batch token_layer head token embed] (sums over tokens to heads).
+    second_order_layers: ``second_order/layer_{l}/weights`` [batch later_layer head neuron] (q of
+      DESIGN §3, 1/σ_post included) and, for `split`, ``second_order/layer_{l}/shared`` [batch embed].
+    activation_layers: ``activations/layer_{l}`` [batch token neuron] (post-activation MLP values).
+    """
+    req = request.validated(spec)
+    with torch.no_grad():
+        return _decompose(spec, images.to(spec.dtype), req)
+
+
+def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest) -> dict[str, Tensor]:
+    n_layers, n_heads = spec.n_layers, spec.n_heads
+    first_source = req.second_order_layers[0] if req.second_order_layers else n_layers
+    out: dict[str, Tensor] = {}
+
+    x = embed(spec, images)
+    n_tokens = x.shape[1]
+    emb_cls = x[:, 0]
+    z_cls, mlp_cls, tok_terms = [], [], {}
+    sources: dict[int, Tensor] = {}  # source layer -> post-activation values [batch token neuron]
+    q_parts: dict[int, list[Tensor]] = {l: [] for l in req.second_order_layers}
+    shared_parts: dict[int, list[Tensor]] = {l: [] for l in req.second_order_layers}
+
+    for index, block in enumerate(spec.blocks):
+        y = layer_norm(block.ln_1, x)
+        needs_row = req.direct or index > first_source or index in req.token_layers
+        attn, cls_attn, v = _attention(block, y, needs_row)
+        if req.direct:
+            z_cls.append(attn[:, :, 0])
+        if index in req.token_layers:
+            tok_terms[index] = (cls_attn, v)
+        if index > first_source:
+            mean_t, sigma_t = layer_norm_stats(block.ln_1, x)  # [batch token]
+            weights = cls_attn / sigma_t[:, None, :]  # A[0,t] / σ_t
+            for source, acts in sources.items():
+                q_parts[source].append(torch.einsum("bht,btn->bhn", weights, acts))
+                if req.convention == "split":
+                    shared_parts[source].append(_shared_value(block, cls_attn, mean_t, sigma_t))
+        b, t, _ = x.shape
+        w_o = block.w_o.permute(1, 0, 2).reshape(x.shape[-1], -1)
+        attn_out = F.linear(attn.transpose(1, 2).reshape(b, t, -1), w_o, block.b_o)
+        x = x + block.ls_1 * attn_out
+        hidden = activation(block.activation, F.linear(layer_norm(block.ln_2, x), block.w_in, block.b_in))
+        mlp = F.linear(hidden, block.w_out, block.b_out)
+        if req.direct:
+            mlp_cls.append(block.ls_2 * mlp[:, 0])
+        if index in req.second_order_layers:
+            sources[index] = hidden
+        if index in req.activation_layers:
+            out[f"activations/layer_{index}"] = hidden
+        x = x + block.ls_2 * mlp
+
+    final = x[:, 0]
+    out["image_embedding"] = layer_norm(spec.ln_post, final) @ spec.proj
+    mu, sigma = layer_norm_stats(spec.ln_post, final)  # [batch]
+    inv_sigma = (1.0 / sigma)[:, None]
+
+    for source in req.second_order_layers:
+        out[f"second_order/layer_{source}/weights"] = torch.stack(q_parts[source], 1) * inv_sigma[:, :, None, None]
+        if req.convention == "split":
+            p_fold = folded_projection(spec, "split")
+            total = torch.stack(shared_parts[source], 0).sum(0)  # [batch width]
+            out[f"second_order/layer_{source}/shared"] = (total @ p_fold) * inv_sigma / spec.mlp_width
+
+    if req.direct or req.token_layers:
+        p_fold = folded_projection(spec, req.convention)
+        n_components = 1 + 2 * n_layers + n_layers * n_heads
+        if req.convention == "split":
+            offset = (spec.ln_post.bias @ spec.proj)[None] - (mu / sigma)[:, None] * (spec.ln_post.weight @ spec.proj)[None]
+            share = offset / n_components  # [batch embed]
+        else:
+            share = torch.zeros_like(out["image_embedding"])
+        readouts = [head_readout(block, p_fold) for block in spec.blocks]
+        if req.direct:
+            z = torch.stack(z_cls, 1)  # [batch layer head e]
+            heads = torch.einsum("blhe,lhed->blhd", z, torch.stack(readouts)) * inv_sigma[:, None, None]
+            out["direct/heads"] = heads + share[:, None, None]
+            out["direct/mlps"] = (torch.stack(mlp_cls, 1) @ p_fold) * inv_sigma[:, None] + share[:, None]
+            out["direct/embedding"] = (emb_cls @ p_fold) * inv_sigma + share
+            biases = torch.stack([blk.ls_1 * blk.b_o for blk in spec.blocks]).sum(0)
+            bias = (biases @ p_fold)[None] * inv_sigma + n_layers * share
+            if req.convention == "center":
+                bias = bias + (spec.ln_post.bias @ spec.proj)[None]
+            out["direct/bias"] = bias
+        if req.token_layers:
+            terms = []
+            for layer in req.token_layers:
+                cls_attn, v = tok_terms[layer]
+                t = torch.einsum("bht,bhte,hed->bhtd", cls_attn, v, readouts[layer]) * inv_sigma[:, None, None]
+                terms.append(t + (share / n_tokens)[:, None, None])
+            out["direct/tokens"] = torch.stack(terms, 1)
+    return out
+
+
+def _shared_value(block: BlockParams, cls_attn: Tensor, mean_t: Tensor, sigma_t: Tensor) -> Tensor:
+    """Neuron-independent part of one later layer's class-token attention output (split convention).
+
+    Under `split` a neuron's write enters ln_1 uncentred; what ln_1 adds for every neuron alike —
+    β − γ·μ_t/σ_t — and the value bias flow through the frozen attention like any other value.
+    Returned in the residual basis ([batch width]), before ln_post folding.
+    """
+    ln_offset = block.ln_1.bias - block.ln_1.weight * (mean_t / sigma_t)[..., None]  # [batch token width]
+    attended = torch.einsum("bht,btw->bhw", cls_attn, ln_offset)
+    values = torch.einsum("bhw,hew->bhe", attended, block.w_v) + block.b_v  # Σ_t A = 1
+    return block.ls_1 * torch.einsum("bhe,hwe->bw", values, block.w_o)
+
+
+def second_order_directions(
+    spec: ViTSpec, layer: int, convention: str = "split"
+) -> Float[Tensor, "later_layer head neuron embed"]:
+    """D of DESIGN §3 for every neuron of `layer`: input-independent, one slab per later layer."""
+    (layer,) = check_layers(spec, [layer], "second-order layer")
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"ln convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    if layer == spec.n_layers - 1:
+        raise ConfigError(f"second-order layer {layer} is the last layer and has no later attention layer")
+    src = spec.blocks[layer]
+    writes = src.ls_2[:, None] * src.w_out  # [width neuron]
+    if convention == "center":
+        writes = writes - writes.mean(0, keepdim=True)
+    p_fold = folded_projection(spec, convention)
+    slabs = []
+    for block in spec.blocks[layer + 1 :]:
+        values = torch.einsum("hew,wn->hen", block.w_v, block.ln_1.weight[:, None] * writes)
+        slabs.append(torch.einsum("hen,hed->hnd", values, head_readout(block, p_fold)))
+    return torch.stack(slabs)
+
+
+def second_order_effects(
+    weights: Float[Tensor, "batch later_layer head neuron"],
+    directions: Float[Tensor, "later_layer head neuron embed"],
+    shared: Float[Tensor, "batch embed"] | None = None,
+    neurons: Tensor | None = None,
+) -> Float[Tensor, "batch neuron embed"]:
+    """φ_n(I) = Σ_{l',h} q · D (+ the split convention's shared term), for chosen neurons only."""
+    if neurons is not None:
+        weights, directions = weights[..., neurons], directions[:, :, neurons]
+    phi = torch.einsum("blhn,lhnd->bnd", weights, directions)
+    return phi if shared is None else phi + shared[:, None]

@@ -1,0 +1,51 @@
+"""The `clipscope` command line. Each subcommand lives in its own module with
+`add_arguments(parser)` and `run(args) -> int`; this file only wires them and turns every
+`ClipscopeError` into one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from clipscope import __version__
+from clipscope.errors import ClipscopeError
+
+# name -> (module under clipscope.pipelines, one-line help)
+COMMANDS = {
+    "models": ("cmd_models", "list model architectures and pretrained tags"),
+
+}
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipscope", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"clipscope {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(f"clipscope.pipelines.{module}")
+        mod.add_arguments(cmd)
+        cmd.set_defaults(_module=mod)
+    return parser
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args._module.run(args) or 0)
+    except ClipscopeError as err:
+        print(f"clipscope {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clipscope {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Shared test setup: offline hubs, deterministic torch, cached tiny models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import functools  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_model(name: str, seed: int = 0):
+    from clipscope.pipelines.models import load_model
+
+    return load_model(name, "none", seed=seed)
+
+
+@pytest.fixture(scope="session")
+def model_cache():
+    """`model_cache(name)` → a random-init LoadedModel, loaded once per session. Do not mutate."""
+    return _cached_model
