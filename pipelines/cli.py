@@ -15,6 +15,9 @@ from clipscope.errors import ClipscopeError
 # name -> (module under clipscope.pipelines, one-line help)
 COMMANDS = {
     "models": ("cmd_models", "list model architectures and pretrained tags"),
+    "extract": ("cmd_extract", "extract decompositions of a webdataset into a store"),
+    "status": ("cmd_status", "show what a store holds and which shards are done"),
+    "query": ("cmd_query", "read embeddings, direct effects and top images from a store"),
 
 }
 
@@ -33,11 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    # Libraries (open_clip logs every model build at INFO) stay at WARNING; clipscope speaks at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("clipscope").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args._module.run(args) or 0)
     except ClipscopeError as err:

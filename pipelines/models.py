@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import os
 import pathlib
 from dataclasses import dataclass, field
@@ -138,7 +139,23 @@ def load_model(name: str, pretrained: str = "none", *, device: str | torch.devic
     return loaded
 
 
+class _DropRandomInitNotice(logging.Filter):
+    # open_clip warns on every random init; for `--pretrained none` that is the request, not news.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def _create(open_clip, name: str, pretrained: str | None, device, seed: int):
+    notice = _DropRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        return _create_seeded(open_clip, name, pretrained, device, seed)
+    finally:
+        root.removeFilter(notice)
+
+
+def _create_seeded(open_clip, name: str, pretrained: str | None, device, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
