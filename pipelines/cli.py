@@ -18,6 +18,8 @@ COMMANDS = {
     "extract": ("cmd_extract", "extract decompositions of a webdataset into a store"),
     "status": ("cmd_status", "show what a store holds and which shards are done"),
     "query": ("cmd_query", "read embeddings, direct effects and top images from a store"),
+    "textspan": ("cmd_textspan", "TextSpan: describe every head of chosen layers by texts from a pool"),
+    "demo": ("cmd_demo", "generate the shapes world, extract on embedded Ray and report head roles"),
 
 }
 

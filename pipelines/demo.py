@@ -1,0 +1,167 @@
+"""`clipscope demo`: the shapes world end to end, on an embedded Ray.
+
+Generates the shapes world, extracts it with the shipped shapes-world CLIP (two CPU actors),
+computes dataset means and TextSpan for every head of the last layers over the world's vocabulary,
+and writes a report: which heads carry colour, shape, position, size or count (table + heatmap PNG),
+each head's first TextSpan texts (CSV), and per-token heatmaps of a few images (PNG).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from clipscope.pipelines.extract import run_extract
+from clipscope.pipelines.extract_config import ExtractConfig
+from clipscope.pipelines.reductions import dataset_means
+from clipscope.pipelines.textspan_job import TextSpanSettings, format_textspan, run_textspan
+from clipscope.storage.store import RunStore
+
+logger = logging.getLogger(__name__)
+
+PROPERTIES = ("colours", "shapes", "positions", "sizes", "counts")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "runs/demo"
+    shards: int = 4
+    per_shard: int = 128
+    seed: int = 0
+    workers: int = 2
+    textspan_layers: int = 2  # the last N layers
+    basis_size: int = 8
+
+
+def vocabulary() -> tuple[list[str], list[str]]:
+    """The world's texts and, for each, the property it names (or 'other' for distractors)."""
+    from clipscope.pipelines.text_pools import get_pool
+
+    texts, labels = [], []
+    for prop in PROPERTIES:
+        for text in get_pool(f"shapes-{prop}").texts:
+            if text not in texts:
+                texts.append(text)
+                labels.append(prop)
+    for text in get_pool("shapes-all").texts:
+        if text not in texts:
+            texts.append(text)
+            labels.append("other")
+    return texts, labels
+
+
+def head_roles(table: pa.Table, labels_of: dict[str, str], layers: list[int], n_heads: int) -> np.ndarray:
+    """[property, layer, head]: the share of a head's variance explained by texts of each property."""
+    roles = np.zeros((len(PROPERTIES) + 1, len(layers), n_heads))
+    props = list(PROPERTIES) + ["other"]
+    data = table.to_pydict()
+    for layer, head, text, ratio in zip(data["layer"], data["head"], data["text"], data["explained_ratio"]):
+        roles[props.index(labels_of[text]), layers.index(layer), head] += ratio
+    return roles
+
+
+def plot_roles(roles: np.ndarray, layers: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    props = list(PROPERTIES) + ["other"]
+    fig, axes = plt.subplots(1, len(props), figsize=(3 * len(props), 0.6 * len(layers) + 1.6), squeeze=False)
+    for ax, prop, grid in zip(axes[0], props, roles):
+        image = ax.imshow(grid, vmin=0, vmax=max(roles.max(), 1e-9), cmap="viridis", aspect="auto")
+        ax.set_title(prop)
+        ax.set_yticks(range(len(layers)), [f"L{l}" for l in layers])
+        ax.set_xticks(range(grid.shape[1]), [f"H{h}" for h in range(grid.shape[1])])
+    fig.colorbar(image, ax=axes[0].tolist(), label="share of head variance (TextSpan)")
+    fig.suptitle("Which heads carry which property of the shapes world")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_token_maps(store: RunStore, loaded, path: Path, n_images: int = 6) -> None:
+    """Per-token direct effects of the last layer's heads along each image's own caption text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from clipscope.pipelines.queries import encode_texts
+    from clipscope.storage.query import read_samples
+
+    samples = read_samples(store).to_pydict()
+    valid = store.read_valid()
+    rows = [r for r in samples["row"] if valid[r]][:n_images]
+    captions = [samples["caption"][samples["row"].index(r)] for r in rows]
+    tokens = store.read("direct/tokens", np.asarray(rows))[:, -1]  # [image head token embed]
+    texts = encode_texts(loaded, captions)
+    grid = int(round((tokens.shape[2] - 1) ** 0.5))
+    fig, axes = plt.subplots(2, len(rows), figsize=(2.2 * len(rows), 4.6), squeeze=False)
+    from clipscope.pipelines.shapes_world import render
+
+    keys = [samples["key"][samples["row"].index(r)] for r in rows]
+    for j, (row, caption, key) in enumerate(zip(rows, captions, keys)):
+        index = int(key.rsplit("-", 1)[-1]) if key.rsplit("-", 1)[-1].isdigit() else None
+        if index is not None:
+            axes[0, j].imshow(render(index, DemoConfig.seed).image)
+        axes[0, j].set_title(caption[:28], fontsize=7)
+        heat = (tokens[j].sum(0)[1:] @ texts[j]).reshape(grid, grid)
+        axes[1, j].imshow(heat, cmap="magma")
+        for ax in axes[:, j]:
+            ax.axis("off")
+    fig.suptitle("last layer: per-patch direct effect along the caption")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def run_demo(config: DemoConfig = DemoConfig()) -> dict:
+    from clipscope.cluster.runtime import ray_runtime
+    from clipscope.pipelines.shapes_train import SHAPES_MODEL_NAME, load_shapes_model, shapes_checkpoint
+    from clipscope.pipelines.shapes_world import write_world
+
+    out = Path(config.out)
+    data_dir = out / "data"
+    if not data_dir.is_dir() or not any(data_dir.glob("*.tar")):
+        logger.info("generating the shapes world: %d shards × %d images", config.shards, config.per_shard)
+        write_world(data_dir, config.shards, config.per_shard, config.seed)
+    loaded = load_shapes_model()
+    n_layers = loaded.spec.n_layers
+    extract = ExtractConfig(
+        data=(str(data_dir),), out=str(out / "store"), model=SHAPES_MODEL_NAME, pretrained=str(shapes_checkpoint()),
+        token_layers=(n_layers - 1,), second_order_layers=(n_layers - 2,), workers=config.workers,
+        rows_per_chunk=64, batch_size=32,
+    )
+    layers = list(range(n_layers - config.textspan_layers, n_layers))
+    with ray_runtime(num_cpus=max(2, os.cpu_count() or 2)):
+        summary = run_extract(extract)
+        store = RunStore.open(extract.out, "r+")
+        dataset_means(store, use_ray=True)
+        texts, labels = vocabulary()
+        table = run_textspan(store, layers, texts, settings=TextSpanSettings(basis_size=config.basis_size, span_rank=32),
+                             pool_name="shapes-vocabulary", use_ray=True, loaded=loaded)
+    pacsv.write_csv(table, out / "textspan.csv")
+    roles = head_roles(table, dict(zip(texts, labels)), layers, loaded.spec.n_heads)
+    plot_roles(roles, layers, out / "head_roles.png")
+    plot_token_maps(store, loaded, out / "token_maps.png")
+    report = [f"clipscope demo — store {store.url}: {summary.images} images "
+              f"({summary.done} shards extracted now, {summary.skipped} already done)", "",
+              "TextSpan, last layers (first picks per head):", format_textspan(table, per_head=4), "",
+              "Heads by property (share of head variance explained by that property's texts):"]
+    props = list(PROPERTIES) + ["other"]
+    for p, prop in enumerate(props[:-1]):
+        best = np.dstack(np.unravel_index(np.argsort(-roles[p], axis=None)[:3], roles[p].shape))[0]
+        shown = ", ".join(f"L{layers[i]}H{h} {roles[p, i, h]:.0%}" for i, h in best)
+        report.append(f"  {prop:9s} {shown}")
+    report += ["", f"files: {out / 'textspan.csv'}, {out / 'head_roles.png'}, {out / 'token_maps.png'}",
+               f"explore: clipscope status {store.url}; clipscope query {store.url} text --layer {layers[-1]} "
+               f"--head 0 --text 'a red circle'"]
+    text = "\n".join(report)
+    (out / "report.txt").write_text(text + "\n")
+    print(text)
+    return {"summary": summary, "roles": roles, "table": table}
