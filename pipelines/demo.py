@@ -122,7 +122,7 @@ def plot_token_maps(store: RunStore, loaded, path: Path, n_images: int = 6) -> N
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     from clipscope.cluster.runtime import ray_runtime
-    from clipscope.pipelines.shapes_train import SHAPES_MODEL_NAME, load_shapes_model, shapes_checkpoint
+    from clipscope.pipelines.shapes_train import CHECKPOINT, SHAPES_MODEL, load_shapes_model
     from clipscope.pipelines.shapes_world import write_world
 
     out = Path(config.out)
@@ -133,7 +133,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     loaded = load_shapes_model()
     n_layers = loaded.spec.n_layers
     extract = ExtractConfig(
-        data=(str(data_dir),), out=str(out / "store"), model=SHAPES_MODEL_NAME, pretrained=str(shapes_checkpoint()),
+        data=(str(data_dir),), out=str(out / "store"), model=SHAPES_MODEL, pretrained=str(CHECKPOINT),
         token_layers=(n_layers - 1,), second_order_layers=(n_layers - 2,), workers=config.workers,
         rows_per_chunk=64, batch_size=32,
     )

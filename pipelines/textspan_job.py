@@ -70,8 +70,9 @@ class _HeadSearch:
     settings: TextSpanSettings
 
     def __call__(self, stats: TextSpanStats) -> dict[str, np.ndarray]:
-        result = textspan_from_stats(stats, torch.from_numpy(self.texts).double(),
-                                     basis_size=min(self.settings.basis_size, self.texts.shape[0]),
+        # m cannot exceed the span the texts are projected on (r, K and D) nor the pool itself
+        usable = min(self.settings.basis_size, self.texts.shape[0], self.settings.span_rank, stats.count, stats.dim)
+        result = textspan_from_stats(stats, torch.from_numpy(self.texts).double(), basis_size=usable,
                                      span_rank=self.settings.span_rank)
         return {"indices": result.indices.numpy(), "variances": result.variances.numpy(),
                 "explained_ratio": result.explained_ratio.numpy(),
