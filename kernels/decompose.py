@@ -115,8 +115,7 @@ def _attention(block: BlockParams, y: Tensor, need_cls_row: bool):
         scores = torch.einsum("bhe,bhte->bht", q[:, :, 0], k) * e**-0.5
         cls_attn = scores.softmax(-1)  # [batch head token]
         # The class token's output is taken from the explicit row so the decomposition and the
-        # residual stream are the same numbers, not two roundings of them.
-        out = out.clone()
+        # residual stream are the same numbers, not two roundings of them (out is SDPA's own buffer).
         out[:, :, 0] = torch.einsum("bht,bhte->bhe", cls_attn, v)
     return out, cls_attn, v
 
@@ -160,7 +159,7 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest) -> dict[str
         needs_row = req.direct or index > first_source or index in req.token_layers
         attn, cls_attn, v = _attention(block, y, needs_row)
         if req.direct:
-            z_cls.append(attn[:, :, 0])
+            z_cls.append(attn[:, :, 0].clone())  # a copy: a view would keep every layer's attention alive
         if index in req.token_layers:
             tok_terms[index] = (cls_attn, v)
         if index > first_source:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from clipscope import __version__
@@ -51,5 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clipscope {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
+def entry() -> None:
+    """Console-script entry: run `main`, then leave without interpreter teardown.
+
+    Everything the command writes is flushed before `main` returns; skipping teardown avoids a
+    known abort (exit 134, "terminate called without an active exception") when pyarrow's and
+    zarr's native threads are torn down together at exit (apache/arrow#34314).
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers whose per-token head terms are stored")
     parser.add_argument("--activation-layers", type=layer_list, nargs="+", metavar="L",
                         help="layers whose post-activation MLP maps are stored (Rosetta, segmentation)")
-    parser.add_argument("--ln-convention", choices=["split", "center"], default="split")
+    # Validated by ExtractConfig (one-line error), not argparse choices (a usage dump).
+    parser.add_argument("--ln-convention", default="split", help="ln_post convention: split or center")
     parser.add_argument("--dtype", default="float32", help="storage dtype: float16 or float32")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rows-per-chunk", type=int, default=256, help="zarr chunk rows along `sample`")

@@ -27,8 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--to", required=True, help="DEST.parquet, or a folder for .npy files")
 
 
-def _sample(text: str):
-    return int(text) if text.isdigit() else text
+def _sample(store, text: str):
+    """A row number, unless the text is also a sample key (webdataset keys are often all digits)."""
+    if not text.isdigit():
+        return text
+    import pyarrow.compute as pc
+
+    from clipscope.storage.sample_index import read_samples
+
+    return text if pc.any(pc.equal(read_samples(store)["key"], text)).as_py() else int(text)
 
 
 def run(args) -> int:
@@ -40,7 +47,7 @@ def run(args) -> int:
 
     store = open_run(args.store)
     if args.what == "image":
-        header, table = queries.image_summary(store, _sample(args.sample), args.top)
+        header, table = queries.image_summary(store, _sample(store, args.sample), args.top)
         print(f"sample {args.sample}: ‖embedding‖ = {header['embedding_norm']:.4f}; components along it sum to "
               f"{header['sum_of_components_along_embedding']:.4f}")
         print(queries.format_table(table))

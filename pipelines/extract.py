@@ -28,9 +28,13 @@ from clipscope.pipelines.models import LoadedModel, load_model
 from clipscope.pipelines.shard_counts import count_all
 from clipscope.pipelines.webdata import decode_or_error, expand_urls, iter_shard_samples, prefetch
 from clipscope.storage.layout import ArraySpec, plan_row_blocks
+from clipscope.storage.lock import LOCK_FILE
 from clipscope.storage.store import RunStore
 
 logger = logging.getLogger(__name__)
+
+# Group attribute set once every array of a new store exists and its directions are written.
+STORE_READY_ATTR = "extract_store_ready"
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,14 @@ def open_or_create_store(config: ExtractConfig, plan: RunPlan, loaded: LoadedMod
         store = None
     if store is not None:
         check_resumable(store, attrs)
-        return store
+        if store.attrs.get(STORE_READY_ATTR) or store.shard_records(stage="extract"):
+            return store
+        # A run killed while creating the store left arrays (or `valid`, or directions) out. No rows
+        # are written before creation finishes, so nothing is lost by creating it again.
+        logger.warning("store %s was left half-created by a killed run; creating it again", store.url)
+        for name in store.location.list_names():
+            if name != LOCK_FILE:
+                store.location.fs.rm(store.location.path(name), recursive=True)
     store = RunStore.create(config.out, arrays=array_specs(config, loaded.spec), n_rows=plan.n_rows,
                             rows_per_chunk=config.rows_per_chunk, attrs=attrs, storage_options=options)
     for layer in config.second_order_layers:
@@ -167,6 +178,7 @@ def open_or_create_store(config: ExtractConfig, plan: RunPlan, loaded: LoadedMod
         store.write_result(f"second_order/layer_{layer}/directions", directions.cpu().numpy(),
                            ("later_layer", "head", "neuron", "embed"),
                            {"later_layers": list(range(layer + 1, loaded.spec.n_layers))})
+    store.update_attrs({STORE_READY_ATTR: True})
     return store
 
 

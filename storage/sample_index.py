@@ -54,7 +54,9 @@ def _read_table(store: RunStore, *relative: str) -> pa.Table | None:
     if raw is None:
         return None
     try:
-        return pq.read_table(pa.BufferReader(raw)).cast(SCHEMA)
+        # Single-threaded: the files are small, and pyarrow's reader threads still alive at interpreter
+        # exit can abort the process (apache/arrow#34314).
+        return pq.read_table(pa.BufferReader(raw), use_threads=False).cast(SCHEMA)
     except (pa.ArrowInvalid, ValueError) as exc:
         raise StoreError(f"unreadable sample index {store.location.child_url(*relative)}: {exc}") from exc
 
