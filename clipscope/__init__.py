@@ -9,4 +9,12 @@ from clipscope.errors import ClipscopeError
 
 __version__ = "0.1.0"
 
-__all__ = ["ClipscopeError", "__version__"]
+
+def import_open_clip():
+    """``import open_clip`` in a way that also works next to a CPU-only torch (see README)."""
+    from clipscope._torchvision_compat import import_open_clip as _import
+
+    return _import()
+
+
+__all__ = ["ClipscopeError", "__version__", "import_open_clip"]

@@ -80,7 +80,7 @@ def plot_roles(roles: np.ndarray, layers: list[int], path: Path) -> None:
         ax.set_yticks(range(len(layers)), [f"L{l}" for l in layers])
         ax.set_xticks(range(grid.shape[1]), [f"H{h}" for h in range(grid.shape[1])])
     fig.colorbar(image, ax=axes[0].tolist(), label="share of head variance (TextSpan)")
-    fig.suptitle("Which heads carry which property of the shapes world")
+    fig.suptitle("Which heads carry which property of the shapes world", y=1.06)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -120,9 +120,22 @@ def plot_token_maps(store: RunStore, loaded, path: Path, n_images: int = 6) -> N
     plt.close(fig)
 
 
+def demo_model():
+    """(LoadedModel, pretrained argument): the shipped shapes-world CLIP, else a seeded random init."""
+    from clipscope.pipelines.models import load_model
+    from clipscope.pipelines.shapes_train import CHECKPOINT, SHAPES_MODEL, load_shapes_model
+
+    if CHECKPOINT.is_file():
+        return load_shapes_model(), str(CHECKPOINT)
+    logger.warning("no trained shapes-world checkpoint at %s: using a random-init %s, so the report shows the "
+                   "machinery, not learned roles (train one: python -m clipscope.pipelines.shapes_train)",
+                   CHECKPOINT, SHAPES_MODEL)
+    return load_model(SHAPES_MODEL, "none"), "none"
+
+
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     from clipscope.cluster.runtime import ray_runtime
-    from clipscope.pipelines.shapes_train import CHECKPOINT, SHAPES_MODEL, load_shapes_model
+    from clipscope.pipelines.shapes_train import SHAPES_MODEL
     from clipscope.pipelines.shapes_world import write_world
 
     out = Path(config.out)
@@ -130,10 +143,10 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     if not data_dir.is_dir() or not any(data_dir.glob("*.tar")):
         logger.info("generating the shapes world: %d shards × %d images", config.shards, config.per_shard)
         write_world(data_dir, config.shards, config.per_shard, config.seed)
-    loaded = load_shapes_model()
+    loaded, pretrained = demo_model()
     n_layers = loaded.spec.n_layers
     extract = ExtractConfig(
-        data=(str(data_dir),), out=str(out / "store"), model=SHAPES_MODEL, pretrained=str(CHECKPOINT),
+        data=(str(data_dir),), out=str(out / "store"), model=SHAPES_MODEL, pretrained=pretrained,
         token_layers=(n_layers - 1,), second_order_layers=(n_layers - 2,), workers=config.workers,
         rows_per_chunk=64, batch_size=32,
     )

@@ -27,6 +27,8 @@ from clipscope.pipelines.extract_config import ExtractConfig, config_differences
 from clipscope.pipelines.models import LoadedModel, load_model
 from clipscope.pipelines.shard_counts import count_all
 from clipscope.pipelines.webdata import decode_or_error, expand_urls, iter_shard_samples, prefetch
+from clipscope.cluster.progress import Progress
+from clipscope.storage.lock import acquire_lock
 from clipscope.storage.layout import ArraySpec, plan_row_blocks
 from clipscope.storage.lock import LOCK_FILE
 from clipscope.storage.store import RunStore
@@ -315,11 +317,13 @@ class ExtractSummary:
         return not self.failed
 
 
-def run_extract(config: ExtractConfig, *, progress_display: str = "auto") -> ExtractSummary:
-    """Plan, create/resume the store, extract every unfinished shard, merge the sample index."""
-    from clipscope.cluster.progress import Progress
-    from clipscope.storage.lock import acquire_lock
+def run_extract(config: ExtractConfig, *, progress_display: str = "auto",
+                extractor_class: type[ShardExtractor] = ShardExtractor) -> ExtractSummary:
+    """Plan, create/resume the store, extract every unfinished shard, merge the sample index.
 
+    `extractor_class` is the per-shard worker (constructed as ``cls(config)`` once per Ray actor,
+    or ``cls(config, loaded)`` in-process); a subclass can change decoding or add outputs.
+    """
     started = time.time()
     plan = plan_run(config)
     loaded = load_model(config.model, config.pretrained, device="cpu", seed=config.seed)
@@ -334,11 +338,11 @@ def run_extract(config: ExtractConfig, *, progress_display: str = "auto") -> Ext
 
         with ray_runtime(config.address):
             require_shared_store(config.out, allow_local=config.allow_local_store)
-            return _run(config, plan, loaded, started, progress_display, acquire_lock, Progress, use_ray)
-    return _run(config, plan, loaded, started, progress_display, acquire_lock, Progress, use_ray)
+            return _run(config, plan, loaded, started, progress_display, use_ray, extractor_class)
+    return _run(config, plan, loaded, started, progress_display, use_ray, extractor_class)
 
 
-def _run(config, plan, loaded, started, progress_display, acquire_lock, Progress, use_ray) -> ExtractSummary:
+def _run(config, plan, loaded, started, progress_display, use_ray, extractor_class) -> ExtractSummary:
     options = config.storage_options or None
     with acquire_lock(config.out, options, owner="clipscope extract"):
         store = open_or_create_store(config, plan, loaded)
@@ -364,11 +368,12 @@ def _run(config, plan, loaded, started, progress_display, acquire_lock, Progress
             from clipscope.cluster.shard_pool import run_shards
 
             use_gpu = config.device == "cuda" or (config.device == "auto" and _cluster_has_gpus())
-            run_shards(pending, _ExtractorFactory(config), num_workers=None if use_gpu else config.workers,
+            run_shards(pending, _ExtractorFactory(config, extractor_class),
+                       num_workers=None if use_gpu else config.workers,
                        use_gpu=use_gpu,
                        on_result=on_result, on_failure=on_failure, progress=progress)
         else:
-            _run_local(config, loaded, pending, on_result, on_failure, progress)
+            _run_local(extractor_class(config, loaded), pending, on_result, on_failure, progress)
         store.merge_samples()
     images = sum(r.get("count", 0) for r in store.shard_records(stage="extract").values() if r.get("status") == "done")
     return ExtractSummary(store.url, len(pending) - len(failures), len(done), failures + skipped_failed,
@@ -384,15 +389,15 @@ def _cluster_has_gpus() -> bool:
 class _ExtractorFactory:
     """Picklable factory: each Ray actor builds its own extractor (model loaded once per actor)."""
 
-    def __init__(self, config: ExtractConfig):
+    def __init__(self, config: ExtractConfig, extractor_class: type[ShardExtractor]):
         self.config = config
+        self.extractor_class = extractor_class
 
     def __call__(self) -> ShardExtractor:
-        return ShardExtractor(self.config)
+        return self.extractor_class(self.config)
 
 
-def _run_local(config, loaded, pending, on_result, on_failure, progress) -> None:
-    extractor = ShardExtractor(config, loaded)
+def _run_local(extractor: ShardExtractor, pending, on_result, on_failure, progress) -> None:
     progress.start(sum(t.count for t in pending), len(pending))
     try:
         for task in pending:

@@ -1,0 +1,367 @@
+"""Train the shapes-world CLIP, ship it, load it, and measure it.
+
+``python -m clipscope.pipelines.shapes_train`` trains `clipscope-shapes` (both towers, from the
+seeded random init of `load_model`) contrastively on freshly generated shapes-world batches and
+writes the fp16 state dict to ``pipelines/assets/clipscope-shapes.safetensors``. Everything is a
+function of the `TrainConfig` (model seed, world seed, steps, …): torch runs with deterministic
+algorithms and a fixed thread count, so rerunning the script on the same machine reproduces the
+file bit for bit (``--check`` retrains and compares with the shipped file). Other CPUs may round
+differently (other SIMD paths), so the shipped file, not the script, is the reference.
+
+Loss: InfoNCE in both directions (as open_clip's ``ClipLoss``) except that samples whose captions
+say the same thing (same text once the "a photo of" / "an image of" prefix is removed) are
+positives of each other, with the target spread evenly over them; with a few hundred short
+captions per batch, exact repeats ("two shapes", "a star") are common, and treating them as
+negatives would teach the model to tell apart images that its captions cannot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipscope._torchvision_compat import import_open_clip
+from clipscope.errors import ConfigError, ModelError
+from clipscope.pipelines import shapes_world as world
+from clipscope.pipelines.models import LoadedModel, load_model, sha256_file
+
+SHAPES_MODEL = "clipscope-shapes"
+ASSET_DIR = pathlib.Path(__file__).parent / "assets"
+CHECKPOINT = ASSET_DIR / f"{SHAPES_MODEL}.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the shipped checkpoint is a function of (with the code and the torch build)."""
+
+    model: str = SHAPES_MODEL
+    seed: int = 0  # model init
+    data_seed: int = 1  # shapes world of the training images (held-out evaluation uses others)
+    steps: int = 1500
+    batch_size: int = 256
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    threads: int = 2
+
+    def validated(self) -> "TrainConfig":
+        for name in ("steps", "batch_size", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
+        for name in ("seed", "data_seed", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer ≥ 0, got {value!r}")
+        for name in ("lr", "min_lr", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr must be ≤ lr ({self.lr}), got {self.min_lr!r}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def image_tensor(images: np.ndarray, loaded: LoadedModel) -> torch.Tensor:
+    """[batch h w 3] uint8 → the model's normalised input [batch 3 h w] float32.
+
+    Equal to ``loaded.preprocess`` on the same images when they already have the model's size
+    (resize and crop are then the identity), without the PIL round trip.
+    """
+    cfg = loaded.model.visual.preprocess_cfg
+    expected = tuple(loaded.image_size)
+    if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:3]) != expected or images.shape[3] != 3:
+        raise ConfigError(f"images must be uint8 [batch {expected[0]} {expected[1]} 3], got {images.dtype} {images.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(cfg["mean"], dtype=torch.float32)[None, :, None, None]
+    std = torch.tensor(cfg["std"], dtype=torch.float32)[None, :, None, None]
+    return (x - mean) / std
+
+
+def caption_key(caption: str) -> str:
+    """What a caption says: the text without its "a photo of" / "an image of" prefix."""
+    for prefix in world.CAPTION_PREFIXES:
+        if prefix and caption.startswith(prefix):
+            return caption[len(prefix):]
+    return caption
+
+
+def training_batch(step: int, config: TrainConfig, loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images, tokens and the [batch batch] positive-pair mask of training step `step`."""
+    scenes = list(world.generate_scenes(config.batch_size, config.data_seed, start=step * config.batch_size,
+                                        config=world.WorldConfig(image_size=loaded.image_size[0])))
+    images = image_tensor(np.stack([s.image for s in scenes]), loaded)
+    tokens = loaded.tokenizer([s.caption for s in scenes])
+    keys = [caption_key(s.caption) for s in scenes]
+    ids = torch.tensor([keys.index(k) for k in keys])
+    return images, tokens, ids[:, None] == ids[None, :]
+
+
+def multi_positive_infonce(image_features, text_features, logit_scale, positives) -> torch.Tensor:
+    """Symmetric InfoNCE with the target of each row spread over its positives (see module doc)."""
+    logits = logit_scale * image_features @ text_features.T  # [image text]
+    target = positives.float() / positives.sum(1, keepdim=True)
+    return (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+            + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean()) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to `min_lr` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = (step - config.warmup_steps) / span
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # open_clip's convention: no decay on gains, biases, embeddings of size 1 and the logit scale.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name or "token_embedding" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def train(config: TrainConfig = TrainConfig(), *, log: Callable[[str], None] = print, log_every: int = 50,
+          eval_every: int = 0) -> tuple[LoadedModel, dict]:
+    """Train from the seeded init; returns the model (eval mode, fp32) and a summary.
+
+    Batches are generated one step ahead in a background thread (torch releases the GIL in its
+    kernels, so generation overlaps the forward/backward); they depend on the step index only.
+    ``eval_every`` > 0 logs held-out zero-shot accuracy every that many steps (no effect on weights).
+    """
+    from clipscope.pipelines.webdata import prefetch
+
+    config = config.validated()
+    torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(True)
+    loaded = load_model(config.model, "none", seed=config.seed)
+    model = loaded.model
+    model.train()
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    probe = list(world.generate_scenes(200, 999, config=world.WorldConfig(image_size=loaded.image_size[0], counts=(1,))))
+    batches = prefetch((training_batch(step, config, loaded) for step in range(config.steps)), 2)
+    began, losses = time.perf_counter(), []
+    for step, (images, tokens, positives) in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        image_features = F.normalize(model.encode_image(images), dim=-1)
+        text_features = F.normalize(model.encode_text(tokens), dim=-1)
+        loss = multi_positive_infonce(image_features, text_features, model.logit_scale.exp(), positives)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        if log_every and ((step + 1) % log_every == 0 or step + 1 == config.steps):
+            seconds = time.perf_counter() - began
+            log(f"step {step + 1}/{config.steps} loss {np.mean(losses[-log_every:]):.4f} "
+                f"scale {model.logit_scale.exp().item():.1f} lr {learning_rate(step, config):.2e} "
+                f"{(step + 1) * config.batch_size / seconds:.0f} img/s, {seconds:.0f} s")
+        if eval_every and (step + 1) % eval_every == 0:
+            model.eval()
+            acc = zero_shot_accuracy(loaded, probe)
+            model.train()
+            log(f"step {step + 1}: probe zero-shot " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if "any" not in k))
+    model.eval()
+    summary = {"seconds": time.perf_counter() - began,
+               "final_loss": float(np.mean(losses[-log_every or 1:])), "config": asdict(config)}
+    return loaded, summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, config: TrainConfig) -> str:
+    """Write the fp16 state dict as safetensors (deterministic bytes); returns its sha256."""
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().to(torch.float16).contiguous() for name, tensor in model.state_dict().items()}
+    metadata = {"clipscope_model": config.model, "train_config": json.dumps(asdict(config), sort_keys=True),
+                "generator_version": str(world.GENERATOR_VERSION), "dtype": "float16"}
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+def checkpoint_metadata(path: str | os.PathLike = CHECKPOINT) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def load_shapes_model(device: str | torch.device = "cpu", path: str | os.PathLike | None = None) -> LoadedModel:
+    """The shipped shapes-world CLIP (`clipscope-shapes`), in eval mode, fp32 (values fp16-exact)."""
+    path = pathlib.Path(path) if path is not None else CHECKPOINT
+    if not path.is_file():
+        raise ModelError(f"shapes model checkpoint not found: {path}; run `python -m clipscope.pipelines.shapes_train`")
+    name = checkpoint_metadata(path).get("clipscope_model", SHAPES_MODEL)
+    return load_model(name, str(path), device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation (open_clip zero-shot conventions: prompt templates, mean of normalised embeddings)
+
+
+def zero_shot_weights(loaded: LoadedModel, classnames: Sequence[str], prompts: Sequence[Callable[[str], str]]) -> torch.Tensor:
+    """[embed class] classifier of normalised, template-averaged text embeddings."""
+    open_clip = import_open_clip()
+    device = next(loaded.model.parameters()).device
+    return open_clip.build_zero_shot_classifier(loaded.model, loaded.tokenizer, list(classnames), list(prompts),
+                                                num_classes_per_batch=None, device=device)
+
+
+def encode_images(loaded: LoadedModel, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """[batch embed] normalised image embeddings of uint8 images."""
+    device = next(loaded.model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = image_tensor(images[start:start + batch_size], loaded).to(device)
+            out.append(F.normalize(loaded.model.encode_image(x), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def encode_texts(loaded: LoadedModel, texts: Sequence[str]) -> torch.Tensor:
+    device = next(loaded.model.parameters()).device
+    with torch.no_grad():
+        return F.normalize(loaded.model.encode_text(loaded.tokenizer(list(texts)).to(device)), dim=-1).cpu()
+
+
+ATTRIBUTE_TASKS = {
+    "colour": (list(world.COLOURS), world.COLOUR_PROMPTS, lambda o: list(world.COLOURS).index(o.colour)),
+    "shape": (list(world.SHAPES), world.SHAPE_PROMPTS, lambda o: world.SHAPES.index(o.shape)),
+    "label": (list(world.LABELS), world.LABEL_PROMPTS, lambda o: world.LABELS.index(o.name)),
+}
+
+
+def zero_shot_accuracy(loaded: LoadedModel, scenes: Sequence[world.Scene], embeddings: torch.Tensor | None = None) -> dict:
+    """Main-object accuracy per attribute task, and (several objects) whether the pick is in the image."""
+    if embeddings is None:
+        embeddings = encode_images(loaded, np.stack([s.image for s in scenes]))
+    out = {}
+    for task, (names, prompts, index_of) in ATTRIBUTE_TASKS.items():
+        predicted = (embeddings @ zero_shot_weights(loaded, names, prompts).cpu()).argmax(1)
+        main = torch.tensor([index_of(s.main) for s in scenes])
+        present = [{index_of(o) for o in s.objects} for s in scenes]
+        out[f"{task}_acc"] = (predicted == main).float().mean().item()
+        out[f"{task}_any_acc"] = float(np.mean([int(p) in pr for p, pr in zip(predicted.tolist(), present)]))
+    counts = sorted(world.COUNT_WORDS)
+    predicted = (embeddings @ zero_shot_weights(loaded, [world.COUNT_WORDS[c] for c in counts], world.COUNT_PROMPTS).cpu()).argmax(1)
+    truth = torch.tensor([counts.index(len(s.objects)) for s in scenes])
+    out["count_acc"] = (predicted == truth).float().mean().item()
+    return out
+
+
+def retrieval(loaded: LoadedModel, scenes: Sequence[world.Scene], embeddings: torch.Tensor | None = None,
+              ks: Sequence[int] = (1, 5)) -> dict:
+    """Caption retrieval in both directions; a hit is any item whose caption says the same thing."""
+    if embeddings is None:
+        embeddings = encode_images(loaded, np.stack([s.image for s in scenes]))
+    texts = encode_texts(loaded, [s.caption for s in scenes])
+    keys = [caption_key(s.caption) for s in scenes]
+    ids = torch.tensor([keys.index(k) for k in keys])
+    same = ids[:, None] == ids[None, :]
+    sims = embeddings @ texts.T  # [image text]
+    out = {"n": len(scenes)}
+    for k in ks:
+        top_t = sims.topk(k, dim=1).indices
+        top_i = sims.T.topk(k, dim=1).indices
+        out[f"image_to_text_r{k}"] = same.gather(1, top_t).any(1).float().mean().item()
+        out[f"text_to_image_r{k}"] = same.gather(1, top_i).any(1).float().mean().item()
+        # Chance of a hit when k items are drawn at random without replacement.
+        n, m = len(scenes), same.sum(1).double()
+        miss = torch.ones_like(m)
+        for j in range(k):
+            miss = miss * (n - m - j).clamp(min=0) / (n - j)
+        out[f"chance_r{k}"] = (1 - miss).mean().item()
+    return out
+
+
+def evaluate(loaded: LoadedModel, *, seed: int = 2, n: int = 1000) -> dict:
+    """Held-out numbers: zero-shot on single-object and mixed scenes, caption retrieval."""
+    size = loaded.image_size[0]
+    single = list(world.generate_scenes(n, seed, config=world.WorldConfig(image_size=size, counts=(1,))))
+    mixed = list(world.generate_scenes(n, seed + 1, config=world.WorldConfig(image_size=size)))
+    return {"single": zero_shot_accuracy(loaded, single), "mixed": zero_shot_accuracy(loaded, mixed),
+            "retrieval_mixed": retrieval(loaded, mixed[:500])}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(prog="python -m clipscope.pipelines.shapes_train",
+                                     description="Train the shapes-world CLIP and write its fp16 checkpoint.")
+    parser.add_argument("--out", default=str(CHECKPOINT), help=f"checkpoint path (default: {CHECKPOINT})")
+    parser.add_argument("--check", action="store_true",
+                        help="retrain into a temporary file and compare its sha256 with --out (the shipped file)")
+    parser.add_argument("--eval-seed", type=int, default=2, help="world seed of the held-out evaluation")
+    parser.add_argument("--log-json", help="also write the summary (timing, evaluation) to this JSON file")
+    parser.add_argument("--eval-every", type=int, default=0, help="log held-out zero-shot accuracy every N steps")
+    for field, value in asdict(defaults).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    config = TrainConfig(**{f: getattr(args, f) for f in asdict(defaults)})
+    try:
+        config = config.validated()
+        began_cpu = time.process_time()
+        loaded, summary = train(config, log=lambda line: print(line, flush=True), eval_every=args.eval_every)
+        summary["cpu_seconds"] = time.process_time() - began_cpu
+        target = pathlib.Path(args.out)
+        if args.check:
+            fresh = target.with_name(f".check-{target.name}")
+            digest = save_checkpoint(loaded.model, fresh, config)
+            shipped = sha256_file(target) if target.is_file() else None
+            fresh.unlink()
+            summary.update(sha256=digest, shipped_sha256=shipped, identical=digest == shipped)
+        else:
+            summary["sha256"] = save_checkpoint(loaded.model, target, config)
+            summary["bytes"] = target.stat().st_size
+            loaded = load_shapes_model(path=target)  # evaluate what ships: fp16-rounded weights
+        summary["evaluation"] = evaluate(loaded, seed=args.eval_seed)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
+    if args.log_json:
+        pathlib.Path(args.log_json).write_text(json.dumps(summary, indent=1))
+    if args.check and not summary["identical"]:
+        print(f"checkpoint differs from {target}: {summary['sha256']} vs {summary['shipped_sha256']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
