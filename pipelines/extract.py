@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from clipscope import __version__
-from clipscope.errors import ClipscopeError, StoreError
+from clipscope.errors import ClipscopeError, ConfigError, StoreError
 from clipscope.kernels.decompose import DecomposeRequest, decompose, second_order_directions
 from clipscope.kernels.vit import ViTSpec
 from clipscope.pipelines.extract_config import ExtractConfig, config_differences
@@ -338,6 +338,7 @@ def run_extract(config: ExtractConfig, *, progress_display: str = "auto",
 
         with ray_runtime(config.address):
             require_shared_store(config.out, allow_local=config.allow_local_store)
+            _require_readable_by_workers(plan.urls, config.allow_local_store)
             return _run(config, plan, loaded, started, progress_display, use_ray, extractor_class)
     return _run(config, plan, loaded, started, progress_display, use_ray, extractor_class)
 
@@ -378,6 +379,23 @@ def _run(config, plan, loaded, started, progress_display, use_ray, extractor_cla
     images = sum(r.get("count", 0) for r in store.shard_records(stage="extract").values() if r.get("status") == "done")
     return ExtractSummary(store.url, len(pending) - len(failures), len(done), failures + skipped_failed,
                           images, round(time.time() - started, 2))
+
+
+def _require_readable_by_workers(urls: tuple[str, ...], allow_local: bool) -> None:
+    """Shards Ray workers could not open are refused before anything is written."""
+    from clipscope.cluster.runtime import check_shared_store, cluster_nodes, store_url_scope
+
+    files = [u for u in urls if not u.startswith("pipe:")]
+    in_process = [u for u in files if store_url_scope(u) == "process"]
+    if in_process:
+        raise ConfigError(f"shard {in_process[0]!r} lives in this Python process; Ray workers cannot read it")
+    local = [u for u in files if store_url_scope(u) == "local"]
+    if local:
+        nodes = len(cluster_nodes())
+        try:
+            check_shared_store(local[0], alive_nodes=nodes, allow_local=allow_local)
+        except ConfigError as err:
+            raise ConfigError(f"shard {local[0]!r}: {err}".replace("store ", "", 1)) from None
 
 
 def _cluster_has_gpus() -> bool:
