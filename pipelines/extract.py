@@ -21,7 +21,7 @@ import torch
 
 from clipscope import __version__
 from clipscope.errors import ClipscopeError, ConfigError, StoreError
-from clipscope.kernels.decompose import DecomposeRequest, decompose, second_order_directions
+from clipscope.kernels.decompose import DecomposeRequest, decompose, folding, second_order_directions
 from clipscope.kernels.vit import ViTSpec
 from clipscope.pipelines.extract_config import ExtractConfig, config_differences
 from clipscope.pipelines.models import LoadedModel, load_model
@@ -206,6 +206,7 @@ class ShardExtractor:
         self.loaded = loaded or load_model(config.model, config.pretrained, device="cpu", seed=config.seed)
         self.spec = self.loaded.spec.to(device=self.device, dtype=compute_dtype(config, self.device))
         self.request = build_request(config).validated(self.spec)
+        self.fold = folding(self.spec, config.ln_convention)
         self.heads_layers = list(heads_layers(config, self.spec))
         self.np_dtype = np.dtype(config.dtype)
         self._store: RunStore | None = None
@@ -296,7 +297,7 @@ class ShardExtractor:
         }
 
     def _outputs(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        out = decompose(self.spec, images, self.request)
+        out = decompose(self.spec, images, self.request, fold=self.fold)
         if len(self.heads_layers) != self.spec.n_layers:
             out["direct/heads"] = out["direct/heads"][:, self.heads_layers]
             out["direct/mlps"] = out["direct/mlps"][:, self.heads_layers]

@@ -201,3 +201,17 @@ def test_last_layer_has_no_second_order_and_convention_is_checked(model_cache):
         decompose(spec, images_for(spec, 1), DecomposeRequest(second_order_layers=(3,)))
     with pytest.raises(ConfigError, match="ln convention must be one of split, center, got 'mean'"):
         decompose(spec, images_for(spec, 1), DecomposeRequest(convention="mean"))
+
+
+def test_precomputed_folding_gives_the_same_terms_and_checks_convention(model_cache):
+    from clipscope.kernels.decompose import folding
+
+    _, spec = model_and_spec(model_cache, "clipscope-tiny", torch.float64)
+    images = images_for(spec, 2)
+    request = DecomposeRequest(convention="center", token_layers=(3,))
+    fresh = decompose(spec, images, request)
+    reused = decompose(spec, images, request, fold=folding(spec, "center"))
+    for name in fresh:
+        assert torch.equal(fresh[name], reused[name]), name
+    with pytest.raises(ConfigError, match="folding was built for the 'split' convention"):
+        decompose(spec, images, request, fold=folding(spec, "split"))
