@@ -16,16 +16,13 @@ and prints images/s of each and the ratios extract / encode_image and extract / 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from clipscope.kernels.decompose import decompose  # noqa: E402
 from clipscope.pipelines.extract import (  # noqa: E402
@@ -36,30 +33,8 @@ from clipscope.pipelines.extract import (  # noqa: E402
 )
 from clipscope.pipelines.extract_config import ExtractConfig  # noqa: E402
 from clipscope.pipelines.models import load_model  # noqa: E402
-from clipscope.pipelines.webdata import decode_or_error, iter_shard_samples, write_shard  # noqa: E402
-
-
-def photo_like_jpeg(rng: np.random.Generator, size: int = 224) -> bytes:
-    """A smooth random image with some texture, JPEG-encoded at quality 90 (photo-sized bytes)."""
-    coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.BILINEAR)
-    pixels = np.asarray(coarse, np.int16) + rng.integers(-20, 21, (size, size, 3))
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def make_dataset(folder: str, n_images: int, n_shards: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    paths = []
-    per_shard = -(-n_images // n_shards)
-    for s in range(n_shards):
-        count = min(per_shard, n_images - s * per_shard)
-        samples = [{"__key__": f"{s:03d}-{i:05d}", "jpg": photo_like_jpeg(rng), "cls": i, "txt": f"image {i}"}
-                   for i in range(count)]
-        path = os.path.join(folder, f"shard-{s:03d}.tar")
-        write_shard(path, samples)
-        paths.append(path)
-    return paths
+from bench_data import even_counts, make_dataset  # noqa: E402  (sibling module of this script)
+from clipscope.pipelines.webdata import decode_or_error, iter_shard_samples  # noqa: E402
 
 
 def decode_and_preprocess(paths: list[str], preprocess) -> list[torch.Tensor]:
@@ -92,7 +67,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="clipscope-bench-") as tmp:
-        paths = make_dataset(tmp, args.images, args.shards)
+        paths = make_dataset(tmp, even_counts(args.images, args.shards))
         mib = sum(os.path.getsize(p) for p in paths) / 2**20
         config = ExtractConfig(data=tuple(paths), out=os.path.join(tmp, "store.zarr"), model=args.model,
                                second_order_layers=(args.second_order_layer,), dtype="float16",

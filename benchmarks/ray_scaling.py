@@ -20,7 +20,6 @@ Every mode sees the same data; an untimed in-process extraction of one shard war
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import tempfile
@@ -29,15 +28,13 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from clipscope.cluster.runtime import ray_runtime  # noqa: E402
 from clipscope.pipelines.extract import ShardExtractor, ShardTask, run_extract  # noqa: E402
 from clipscope.pipelines.extract_config import ExtractConfig  # noqa: E402
 from clipscope.pipelines.reductions import dataset_means, head_statistics, row_blocks  # noqa: E402
-from clipscope.pipelines.webdata import write_shard  # noqa: E402
+from bench_data import make_dataset  # noqa: E402  (sibling module of this script)
 from clipscope.storage.store import RunStore  # noqa: E402
 
 
@@ -48,27 +45,6 @@ class TimedExtractor(ShardExtractor):
         started = time.time()
         record = super().process(task)
         return {**record, "bench_start": started, "bench_end": time.time()}
-
-
-def photo_like_jpeg(rng: np.random.Generator, size: int = 224) -> bytes:
-    """A smooth random image with some texture, JPEG-encoded at quality 90 (photo-sized bytes)."""
-    coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.BILINEAR)
-    pixels = np.asarray(coarse, np.int16) + rng.integers(-20, 21, (size, size, 3))
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def make_dataset(folder: str, n_shards: int, per_shard: int, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    paths = []
-    for s in range(n_shards):
-        samples = [{"__key__": f"{s:03d}-{i:05d}", "jpg": photo_like_jpeg(rng), "cls": i, "txt": f"image {i}"}
-                   for i in range(per_shard)]
-        path = os.path.join(folder, f"shard-{s:03d}.tar")
-        write_shard(path, samples)
-        paths.append(path)
-    return paths
 
 
 def extract_once(config: ExtractConfig) -> tuple[float, float, int]:
@@ -113,7 +89,7 @@ def main() -> None:
     modes["ray, 2 workers"] = (args.threads, {"workers": 2})
 
     with tempfile.TemporaryDirectory(prefix="clipscope-ray-bench-") as tmp:
-        paths = make_dataset(tmp, args.shards, args.images_per_shard)
+        paths = make_dataset(tmp, [args.images_per_shard] * args.shards)
         mib = sum(os.path.getsize(p) for p in paths) / 2**20
 
         def config(out: str, **extra) -> ExtractConfig:
