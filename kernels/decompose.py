@@ -11,6 +11,11 @@ affine, so a component c of x^L_0 maps to f(c) = (c @ P̃)/σ + s·o, where
 The K components of the `split` convention are: the embedding, each layer's MLP, each (layer,
 head) and each layer's out-projection bias (K = 1 + 2L + LH). A head's share is divided equally
 over its tokens, so per-token terms sum to the per-head terms in both conventions.
+
+The class token attended from itself (thesis Appendix A, "Mean-Ablation of the Class-Token Attended
+from Itself") is the token-0 term summed over a layer's heads, Σ_h f(c_{0,l,h}) with each head's
+token share 1/T included; it is returned for every layer whenever direct effects are, at the cost
+of one [head e] × [head e embed] product per layer, so it needs no per-token storage.
 """
 
 from __future__ import annotations
@@ -154,7 +159,8 @@ def decompose(
     Always: ``image_embedding`` [batch embed] (= the model's ``encode_image``).
     direct: ``direct/embedding`` [batch embed], ``direct/mlps`` [batch layer embed],
       ``direct/heads`` [batch layer head embed], ``direct/bias`` [batch embed];
-      embedding + Σ mlps + Σ heads + bias = image_embedding.
+      embedding + Σ mlps + Σ heads + bias = image_embedding; ``direct/cls_token`` [batch layer embed]
+      (the class token attended from itself: token 0 of the per-token terms, summed over heads).
     token_layers: ``direct/tokens`` [batch token_layer head token embed] (sums over tokens to heads).
     second_order_layers: ``second_order/layer_{l}/weights`` [batch later_layer head neuron] (q of
       DESIGN §3, 1/σ_post included) and, for `split`, ``second_order/layer_{l}/shared`` [batch embed].
@@ -178,7 +184,7 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Foldi
     x = embed(spec, images)
     n_tokens = x.shape[1]
     emb_cls = x[:, 0]
-    z_cls, mlp_cls, tok_terms = [], [], {}
+    z_cls, mlp_cls, self_values, tok_terms = [], [], [], {}
     sources: dict[int, Tensor] = {}  # source layer -> post-activation values [batch token neuron]
     q_parts: dict[int, list[Tensor]] = {l: [] for l in req.second_order_layers}
     shared_parts: dict[int, list[Tensor]] = {l: [] for l in req.second_order_layers}
@@ -189,6 +195,7 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Foldi
         attn, cls_attn, v = _attention(block, y, needs_row)
         if req.direct:
             z_cls.append(attn[:, :, 0].clone())  # a copy: a view would keep every layer's attention alive
+            self_values.append(cls_attn[:, :, 0, None] * v[:, :, 0])  # A[0,0]·value of token 0, [batch head e]
         if index in req.token_layers:
             tok_terms[index] = (cls_attn, v)
         if index > first_source:
@@ -236,6 +243,8 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Foldi
             z = torch.stack(z_cls, 1)  # [batch layer head e]
             heads = torch.einsum("blhe,lhed->blhd", z, readouts) * inv_sigma[:, None, None]
             out["direct/heads"] = heads + share[:, None, None]
+            cls_self = torch.einsum("blhe,lhed->bld", torch.stack(self_values, 1), readouts) * inv_sigma[:, None]
+            out["direct/cls_token"] = cls_self + (n_heads * share / n_tokens)[:, None]
             out["direct/mlps"] = (torch.stack(mlp_cls, 1) @ p_fold) * inv_sigma[:, None] + share[:, None]
             out["direct/embedding"] = (emb_cls @ p_fold) * inv_sigma + share
             biases = torch.stack([blk.ls_1 * blk.b_o for blk in spec.blocks]).sum(0)

@@ -188,3 +188,51 @@ def reference_dictionary(
     if bool((col == 0).any()):
         raise ConfigError("text_embeddings has an embedding dimension that is constant across texts")
     return coefficient * x / col
+
+
+class OMPPath(NamedTuple):
+    """support: atoms in pick order for the largest m (−1 = none); coef[i, b, k]: coefficient of
+    support[b, k] in the m_i-atom solution (0 for k ≥ m_i and for empty slots)."""
+
+    support: Int[Tensor, "target pick"]
+    coef: Float[Tensor, "sparsity target pick"]
+
+
+def omp_path(
+    gram: Float[Tensor, "atom atom2"],
+    xy: Float[Tensor, "target atom"],
+    sparsities: tuple[int, ...],
+    *,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> OMPPath:
+    """OMP for several sparsities m from one greedy run at the largest.
+
+    OMP is greedy and its pick at step k depends only on the earlier picks (ties included: the
+    swapped atom order evolves identically), so the support of sklearn's m-atom solution is the first
+    m picks of the largest run; only the coefficients differ — the least-squares solution on those
+    m atoms. The Cholesky factor of a leading principal block is the leading block of the factor, so
+    one factorisation of G restricted to the full support serves every m.
+    """
+    if not sparsities or any(isinstance(m, bool) or not isinstance(m, int) for m in sparsities):
+        raise ConfigError(f"sparsities must be a non-empty tuple of integers, got {sparsities!r}")
+    if list(sparsities) != sorted(set(sparsities)):
+        raise ConfigError(f"sparsities must be strictly increasing, got {sparsities!r}")
+    m_max = sparsities[-1]
+    support = omp_gram(gram, xy, m_max, block_bytes=block_bytes).support
+    xy = xy.to(gram.dtype)
+    active = support >= 0
+    index = support.clamp(min=0)
+    g_ss = gram[index[:, :, None], index[:, None, :]]  # [target, m_max, m_max]
+    # Empty slots (a target that stopped early) become identity rows with a zero right-hand side.
+    both = active[:, :, None] & active[:, None, :]
+    eye = torch.eye(m_max, dtype=gram.dtype, device=gram.device).expand_as(g_ss)
+    g_ss = torch.where(both, g_ss, eye)
+    rhs = torch.where(active, xy.gather(1, index), torch.zeros((), dtype=gram.dtype, device=gram.device))
+    chol, info = torch.linalg.cholesky_ex(g_ss)
+    if bool((info > 0).any()):
+        raise ConfigError("the dictionary restricted to an OMP support is numerically singular "
+                          "(nearly linearly dependent atoms); its coefficients are not determined")
+    coef = torch.zeros(len(sparsities), *support.shape, dtype=gram.dtype, device=gram.device)
+    for i, m in enumerate(sparsities):
+        coef[i, :, :m] = torch.cholesky_solve(rhs[:, :m, None], chol[:, :m, :m], upper=False)[:, :, 0]
+    return OMPPath(support, coef)

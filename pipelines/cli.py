@@ -20,6 +20,10 @@ COMMANDS = {
     "status": ("cmd_status", "show what a store holds and which shards are done"),
     "query": ("cmd_query", "read embeddings, direct effects and top images from a store"),
     "textspan": ("cmd_textspan", "TextSpan: describe every head of chosen layers by texts from a pool"),
+    "neurons": ("cmd_neurons", "describe every neuron of a layer by a sparse set of texts (OMP of its PC)"),
+    "second-order": ("cmd_second_order", "second-order neuron effects of a layer: norms, top images, PCs, ablations"),
+    "evaluate": ("cmd_evaluate", "zero-shot accuracy under mean-ablation of MLPs, heads and the class token"),
+    "shapes": ("cmd_shapes", "the shapes world: generate it, train its CLIP, evaluate the CLIP"),
     "demo": ("cmd_demo", "generate the shapes world, extract on embedded Ray and report head roles"),
 
 }

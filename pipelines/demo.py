@@ -2,8 +2,11 @@
 
 Generates the shapes world, extracts it with the shipped shapes-world CLIP (two CPU actors),
 computes dataset means and TextSpan for every head of the last layers over the world's vocabulary,
-and writes a report: which heads carry colour, shape, position, size or count (table + heatmap PNG),
-each head's first TextSpan texts (CSV), and per-token heatmaps of a few images (PNG).
+mean-ablation accuracies, and the second-order PCs of one neuron layer with their OMP text
+decompositions, and writes a report: which heads carry colour, shape, position, size or count
+(table + heatmap PNG), each head's first TextSpan texts (CSV), the ablation table and curve
+(CSV + PNG), the neurons with the largest effects as signed texts (CSV), and per-token heatmaps of
+a few images (PNG).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class DemoConfig:
     workers: int = 2
     textspan_layers: int = 2  # the last N layers
     basis_size: int = 8
+    neuron_top_k: int = 20  # images per neuron for its PC (the paper: 100 of ~5000)
+    neurons_shown: int = 8
+    neuron_texts: int = 4
 
 
 def vocabulary() -> tuple[list[str], list[str]]:
@@ -133,10 +139,18 @@ def demo_model():
     return load_model(SHAPES_MODEL, "none"), "none"
 
 
+def _top_neurons(store: RunStore, layer: int, n: int) -> list[int]:
+    norms = store.read_result(f"reductions/second_order/layer_{layer}/norm_mean")
+    return [int(i) for i in np.argsort(-norms, kind="stable")[:n]]
+
+
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     from clipscope.cluster.runtime import ray_runtime
+    from clipscope.pipelines import evaluate, omp_job, second_order_eval, second_order_job
     from clipscope.pipelines.shapes_train import SHAPES_MODEL
     from clipscope.pipelines.shapes_world import write_world
+    from clipscope.pipelines.text_pools import get_pool
+    from clipscope.pipelines.zero_shot import get_task
 
     out = Path(config.out)
     data_dir = out / "data"
@@ -145,12 +159,15 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         write_world(data_dir, config.shards, config.per_shard, config.seed)
     loaded, pretrained = demo_model()
     n_layers = loaded.spec.n_layers
+    neuron_layer = n_layers - 2
     extract = ExtractConfig(
         data=(str(data_dir),), out=str(out / "store"), model=SHAPES_MODEL, pretrained=pretrained,
-        token_layers=(n_layers - 1,), second_order_layers=(n_layers - 2,), workers=config.workers,
+        token_layers=(n_layers - 1,), second_order_layers=(neuron_layer,), workers=config.workers,
         rows_per_chunk=64, batch_size=32,
     )
     layers = list(range(n_layers - config.textspan_layers, n_layers))
+    task = get_task("shapes")
+    pool = get_pool("shapes-all")
     with ray_runtime(num_cpus=max(2, os.cpu_count() or 2)):
         summary = run_extract(extract)
         store = RunStore.open(extract.out, "r+")
@@ -158,23 +175,50 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         texts, labels = vocabulary()
         table = run_textspan(store, layers, texts, settings=TextSpanSettings(basis_size=config.basis_size, span_rank=32),
                              pool_name="shapes-vocabulary", use_ray=True, loaded=loaded)
+        ablations = evaluate.evaluate_ablations(store, task, keep_last=(config.textspan_layers,), use_ray=True,
+                                                loaded=loaded)
+        settings = second_order_job.SecondOrderSettings(top_k=config.neuron_top_k)
+        neurons = second_order_job.run_second_order(store, neuron_layer, settings=settings, use_ray=True)
+        neuron_ablations = second_order_eval.run_evaluation(store, neuron_layer, task, settings=settings, use_ray=True)
+        omp_job.run_omp(store, neuron_layer, pool, m=(1, 2, 4, 8), use_ray=True, loaded=loaded)
+        omp_accuracy = omp_job.reconstruction_accuracy(store, neuron_layer, task=task.name, use_ray=True,
+                                                       loaded=loaded)
+    shown = _top_neurons(store, neuron_layer, config.neurons_shown)
+    neuron_table = omp_job.neuron_table(store, neuron_layer, pool, m=config.neuron_texts, top=config.neuron_texts,
+                                        neurons=shown)
     pacsv.write_csv(table, out / "textspan.csv")
+    pacsv.write_csv(ablations, out / "ablations.csv")
+    pacsv.write_csv(neuron_table, out / "neurons.csv")
     roles = head_roles(table, dict(zip(texts, labels)), layers, loaded.spec.n_heads)
     plot_roles(roles, layers, out / "head_roles.png")
+    evaluate.plot_evaluation(ablations, out / "ablations.png", title="shapes: accumulated mean-ablation of heads")
     plot_token_maps(store, loaded, out / "token_maps.png")
     report = [f"clipscope demo — store {store.url}: {summary.images} images "
-              f"({summary.done} shards extracted now, {summary.skipped} already done)", "",
-              "TextSpan, last layers (first picks per head):", format_textspan(table, per_head=4), "",
-              "Heads by property (share of head variance explained by that property's texts):"]
+              f"({summary.done} shards extracted now, {summary.skipped} already done), model {SHAPES_MODEL} "
+              f"({'trained checkpoint' if pretrained != 'none' else 'RANDOM INIT: no checkpoint found'})", "",
+              "Heads by property (share of head variance explained by that property's texts, TextSpan):"]
     props = list(PROPERTIES) + ["other"]
     for p, prop in enumerate(props[:-1]):
         best = np.dstack(np.unravel_index(np.argsort(-roles[p], axis=None)[:3], roles[p].shape))[0]
-        shown = ", ".join(f"L{layers[i]}H{h} {roles[p, i, h]:.0%}" for i, h in best)
-        report.append(f"  {prop:9s} {shown}")
-    report += ["", f"files: {out / 'textspan.csv'}, {out / 'head_roles.png'}, {out / 'token_maps.png'}",
+        shown_heads = ", ".join(f"L{layers[i]}H{h} {roles[p, i, h]:.0%}" for i, h in best)
+        report.append(f"  {prop:9s} {shown_heads}")
+    report += ["", "TextSpan, last layers (first picks per head):", format_textspan(table, per_head=4), "",
+               f"Zero-shot accuracy ({task.name}, {len(task.classnames)} classes) under mean-ablation:",
+               evaluate.format_evaluation(ablations), "",
+               f"Neurons of layer {neuron_layer}: second-order effects (top {config.neuron_top_k} images per neuron)",
+               second_order_job.format_summary(neurons),
+               second_order_eval.format_evaluation(neuron_ablations, task.name), "",
+               f"Neurons with the largest second-order effects, as {config.neuron_texts} texts each (OMP of their PC):",
+               omp_job.format_neurons(neuron_table, shown, config.neuron_texts),
+               omp_job.format_accuracy(omp_accuracy), "",
+               "files: " + ", ".join(str(out / f) for f in ("report.txt", "textspan.csv", "head_roles.png",
+                                                              "ablations.csv", "ablations.png", "neurons.csv",
+                                                              "token_maps.png")),
                f"explore: clipscope status {store.url}; clipscope query {store.url} text --layer {layers[-1]} "
-               f"--head 0 --text 'a red circle'"]
+               f"--head 0 --text 'a red circle'; clipscope neurons {store.url} --layer {neuron_layer} "
+               f"--pool shapes-all --m 4"]
     text = "\n".join(report)
     (out / "report.txt").write_text(text + "\n")
     print(text)
-    return {"summary": summary, "roles": roles, "table": table}
+    return {"summary": summary, "roles": roles, "table": table, "ablations": ablations,
+            "neuron_ablations": neuron_ablations, "neurons": neuron_table}

@@ -94,6 +94,7 @@ def array_specs(config: ExtractConfig, spec: ViTSpec) -> list[ArraySpec]:
         ArraySpec("direct/mlps", ("sample", "layer", "embed"), (n_layers, d), dt),
         ArraySpec("direct/heads", ("sample", "layer", "head", "embed"), (n_layers, h, d), dt),
         ArraySpec("direct/bias", ("sample", "embed"), (d,), dt),
+        ArraySpec("direct/cls_token", ("sample", "layer", "embed"), (n_layers, d), dt),
     ]
     if config.token_layers:
         specs.append(ArraySpec("direct/tokens", ("sample", "token_layer", "head", "token", "embed"),
@@ -301,6 +302,7 @@ class ShardExtractor:
         if len(self.heads_layers) != self.spec.n_layers:
             out["direct/heads"] = out["direct/heads"][:, self.heads_layers]
             out["direct/mlps"] = out["direct/mlps"][:, self.heads_layers]
+            out["direct/cls_token"] = out["direct/cls_token"][:, self.heads_layers]
         return {name: value.float().cpu().numpy().astype(self.np_dtype) for name, value in out.items()}
 
 

@@ -8,16 +8,17 @@ algorithms and a fixed thread count, so rerunning the script on the same machine
 file bit for bit (``--check`` retrains and compares with the shipped file). Other CPUs may round
 differently (other SIMD paths), so the shipped file, not the script, is the reference.
 
-Loss: InfoNCE in both directions (as open_clip's ``ClipLoss``) except that samples whose captions
-say the same thing (same text once the "a photo of" / "an image of" prefix is removed) are
-positives of each other, with the target spread evenly over them; with a few hundred short
-captions per batch, exact repeats ("two shapes", "a star") are common, and treating them as
-negatives would teach the model to tell apart images that its captions cannot.
+Loss: InfoNCE in both directions (as open_clip's ``ClipLoss``) except that every caption that is
+*true* of an image is a positive of it, the target spread evenly over them (the world knows:
+`shapes_world.claim_matrix`). Short templated captions are often true of several images of a
+batch ("two shapes", "a star", "a red shape"); counted as negatives they would push "a star"
+away from most star images and stall shape learning.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -54,14 +55,20 @@ class TrainConfig:
     min_lr: float = 1e-5
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    pos_init_std: float = 1.0  # image positional embedding re-initialised N(0, this²); see train()
+    text_lr_scale: float = 1.0  # the text tower's learning rate relative to lr for the first text_slow_steps
+    text_slow_steps: int = 0
+    captions_per_image: int = 1  # each image's caption plus this many − 1 from other templates
+    position_jitter: float = 0.0  # shapes-world geometry of the training images
+    radius_jitter: float = 0.05
     threads: int = 2
 
     def validated(self) -> "TrainConfig":
-        for name in ("steps", "batch_size", "threads"):
+        for name in ("steps", "batch_size", "threads", "captions_per_image"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
-        for name in ("seed", "data_seed", "warmup_steps"):
+        for name in ("seed", "data_seed", "warmup_steps", "text_slow_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer ≥ 0, got {value!r}")
@@ -69,9 +76,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
                 raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
+        if isinstance(self.pos_init_std, bool) or not isinstance(self.pos_init_std, (int, float)) or not 0 <= self.pos_init_std <= 10:
+            raise ConfigError(f"pos_init_std must be a number in [0, 10] (0 keeps open_clip's init), got {self.pos_init_std!r}")
+        self.world(48)
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr must be ≤ lr ({self.lr}), got {self.min_lr!r}")
         return self
+
+    def world(self, image_size: int) -> world.WorldConfig:
+        return world.WorldConfig(image_size=image_size, position_jitter=self.position_jitter,
+                                 radius_jitter=self.radius_jitter).validated()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,31 +108,29 @@ def image_tensor(images: np.ndarray, loaded: LoadedModel) -> torch.Tensor:
     return (x - mean) / std
 
 
-def caption_key(caption: str) -> str:
-    """What a caption says: the text without its "a photo of" / "an image of" prefix."""
-    for prefix in world.CAPTION_PREFIXES:
-        if prefix and caption.startswith(prefix):
-            return caption[len(prefix):]
-    return caption
-
-
 def training_batch(step: int, config: TrainConfig, loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images, tokens and the [batch batch] positive-pair mask of training step `step`."""
-    scenes = list(world.generate_scenes(config.batch_size, config.data_seed, start=step * config.batch_size,
-                                        config=world.WorldConfig(image_size=loaded.image_size[0])))
+    """Images [batch], tokens [batch · captions_per_image] (each image's own caption first, then
+    its extra captions) and the [caption image] truth matrix of training step `step`."""
+    start = step * config.batch_size
+    scenes = list(world.generate_scenes(config.batch_size, config.data_seed, start=start,
+                                        config=config.world(loaded.image_size[0])))
+    captions, claims = [s.caption for s in scenes], [s.claim for s in scenes]
+    for offset, scene in enumerate(scenes):
+        for caption, claim in world.extra_captions(scene, config.data_seed, start + offset, config.captions_per_image - 1):
+            captions.append(caption)
+            claims.append(claim)
     images = image_tensor(np.stack([s.image for s in scenes]), loaded)
-    tokens = loaded.tokenizer([s.caption for s in scenes])
-    keys = [caption_key(s.caption) for s in scenes]
-    ids = torch.tensor([keys.index(k) for k in keys])
-    return images, tokens, ids[:, None] == ids[None, :]
+    return images, loaded.tokenizer(captions), torch.from_numpy(world.claim_matrix(scenes, claims))
 
 
-def multi_positive_infonce(image_features, text_features, logit_scale, positives) -> torch.Tensor:
-    """Symmetric InfoNCE with the target of each row spread over its positives (see module doc)."""
+def multi_positive_infonce(image_features, text_features, logit_scale, truth) -> torch.Tensor:
+    """Symmetric InfoNCE whose targets are spread evenly over every caption true of an image (and
+    every image a caption is true of); `truth` is [caption image] with a true diagonal."""
     logits = logit_scale * image_features @ text_features.T  # [image text]
-    target = positives.float() / positives.sum(1, keepdim=True)
-    return (torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
-            + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean()) / 2
+    per_image = truth.T.float() / truth.T.sum(1, keepdim=True)
+    per_text = truth.float() / truth.sum(1, keepdim=True)
+    return (torch.sum(-per_image * F.log_softmax(logits, 1), 1).mean()
+            + torch.sum(-per_text * F.log_softmax(logits.T, 1), 1).mean()) / 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,14 +147,15 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # open_clip's convention: no decay on gains, biases, embeddings of size 1 and the logit scale.
-    decay, no_decay = [], []
+    """Per tower (``visual`` / text / the logit scale), with open_clip's decay convention: no
+    decay on gains, biases, the token embedding and the logit scale."""
+    groups: dict[tuple[str, bool], list] = {}
     for name, param in model.named_parameters():
-        if param.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name or "token_embedding" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+        tower = "image" if name.startswith("visual.") else "scale" if name == "logit_scale" else "text"
+        decay = not (param.ndim < 2 or "ln" in name or "bias" in name or tower == "scale" or "token_embedding" in name)
+        groups.setdefault((tower, decay), []).append(param)
+    return [{"params": params, "tower": tower, "weight_decay": weight_decay if decay else 0.0}
+            for (tower, decay), params in sorted(groups.items())]
 
 
 def train(config: TrainConfig = TrainConfig(), *, log: Callable[[str], None] = print, log_every: int = 50,
@@ -160,14 +173,25 @@ def train(config: TrainConfig = TrainConfig(), *, log: Callable[[str], None] = p
     torch.use_deterministic_algorithms(True)
     loaded = load_model(config.model, "none", seed=config.seed)
     model = loaded.model
+    if config.pos_init_std:
+        # open_clip draws the positional embedding with σ = width^-0.5 (0.125 here), a small
+        # perturbation of the patch content after ln_pre; a ViT this small then sits on a long
+        # plateau before it uses position at all (measured: no progress on position or shape in
+        # 400 steps; with σ = 1 position is learnt in ~100 steps and shape follows).
+        generator = torch.Generator().manual_seed(config.seed)
+        with torch.no_grad():
+            pos = model.visual.positional_embedding
+            pos.copy_(torch.randn(pos.shape, generator=generator) * config.pos_init_std)
     model.train()
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-    probe = list(world.generate_scenes(200, 999, config=world.WorldConfig(image_size=loaded.image_size[0], counts=(1,))))
+    probe_world = dataclasses.replace(config.world(loaded.image_size[0]), counts=(1,))
+    probe = list(world.generate_scenes(200, 999, config=probe_world))
     batches = prefetch((training_batch(step, config, loaded) for step in range(config.steps)), 2)
     began, losses = time.perf_counter(), []
     for step, (images, tokens, positives) in enumerate(batches):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
+            slow = group["tower"] == "text" and step < config.text_slow_steps
+            group["lr"] = (config.text_lr_scale if slow else 1.0) * learning_rate(step, config)
         image_features = F.normalize(model.encode_image(images), dim=-1)
         text_features = F.normalize(model.encode_text(tokens), dim=-1)
         loss = multi_positive_infonce(image_features, text_features, model.logit_scale.exp(), positives)
@@ -184,9 +208,13 @@ def train(config: TrainConfig = TrainConfig(), *, log: Callable[[str], None] = p
                 f"{(step + 1) * config.batch_size / seconds:.0f} img/s, {seconds:.0f} s")
         if eval_every and (step + 1) % eval_every == 0:
             model.eval()
+            from clipscope.pipelines.shapes_eval import mean_ablation
+
             acc = zero_shot_accuracy(loaded, probe)
+            heads = mean_ablation(loaded, probe, last_layers=2)["last_heads_only"]
             model.train()
-            log(f"step {step + 1}: probe zero-shot " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if "any" not in k))
+            log(f"step {step + 1}: probe zero-shot " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if "any" not in k)
+                + "; last heads only: " + ", ".join(f"{k} {heads[k]:.3f}" for k in ("colour_acc", "shape_acc")))
     model.eval()
     summary = {"seconds": time.perf_counter() - began,
                "final_loss": float(np.mean(losses[-log_every or 1:])), "config": asdict(config)}
@@ -284,36 +312,43 @@ def zero_shot_accuracy(loaded: LoadedModel, scenes: Sequence[world.Scene], embed
 
 def retrieval(loaded: LoadedModel, scenes: Sequence[world.Scene], embeddings: torch.Tensor | None = None,
               ks: Sequence[int] = (1, 5)) -> dict:
-    """Caption retrieval in both directions; a hit is any item whose caption says the same thing."""
+    """Caption retrieval in both directions among the scenes' own captions; a hit is a retrieved
+    caption that is true of the image (or an image the caption is true of), with its chance level."""
     if embeddings is None:
         embeddings = encode_images(loaded, np.stack([s.image for s in scenes]))
     texts = encode_texts(loaded, [s.caption for s in scenes])
-    keys = [caption_key(s.caption) for s in scenes]
-    ids = torch.tensor([keys.index(k) for k in keys])
-    same = ids[:, None] == ids[None, :]
+    truth = torch.from_numpy(world.claim_matrix(scenes))  # [caption image]
     sims = embeddings @ texts.T  # [image text]
-    out = {"n": len(scenes)}
+    out: dict = {"n": len(scenes)}
+    n = len(scenes)
     for k in ks:
-        top_t = sims.topk(k, dim=1).indices
-        top_i = sims.T.topk(k, dim=1).indices
-        out[f"image_to_text_r{k}"] = same.gather(1, top_t).any(1).float().mean().item()
-        out[f"text_to_image_r{k}"] = same.gather(1, top_i).any(1).float().mean().item()
-        # Chance of a hit when k items are drawn at random without replacement.
-        n, m = len(scenes), same.sum(1).double()
-        miss = torch.ones_like(m)
-        for j in range(k):
-            miss = miss * (n - m - j).clamp(min=0) / (n - j)
-        out[f"chance_r{k}"] = (1 - miss).mean().item()
+        for direction, scores, hits in (("image_to_text", sims, truth.T), ("text_to_image", sims.T, truth)):
+            top = scores.topk(k, dim=1).indices
+            out[f"{direction}_r{k}"] = hits.gather(1, top).any(1).float().mean().item()
+            # Chance of a hit when k items are drawn at random without replacement.
+            m, miss = hits.sum(1).double(), torch.ones(n, dtype=torch.float64)
+            for j in range(k):
+                miss = miss * (n - m - j).clamp(min=0) / (n - j)
+            out[f"{direction}_chance_r{k}"] = (1 - miss).mean().item()
     return out
 
 
 def evaluate(loaded: LoadedModel, *, seed: int = 2, n: int = 1000) -> dict:
-    """Held-out numbers: zero-shot on single-object and mixed scenes, caption retrieval."""
+    """Held-out numbers: zero-shot on single-object and mixed scenes, caption retrieval, and what the
+    decomposition shows (segmentation by per-token direct effects, mean-ablation of all but the
+    last layers' heads) on `min(n, 300)` single-object scenes."""
+    from clipscope.pipelines import shapes_eval
+
     size = loaded.image_size[0]
     single = list(world.generate_scenes(n, seed, config=world.WorldConfig(image_size=size, counts=(1,))))
     mixed = list(world.generate_scenes(n, seed + 1, config=world.WorldConfig(image_size=size)))
+    probe = single[:300]
+    last = loaded.spec.n_layers
+    terms = shapes_eval.decompose_scenes(loaded, probe, tuple(range(last)))
     return {"single": zero_shot_accuracy(loaded, single), "mixed": zero_shot_accuracy(loaded, mixed),
-            "retrieval_mixed": retrieval(loaded, mixed[:500])}
+            "retrieval_mixed": retrieval(loaded, mixed[:500]),
+            "segmentation": shapes_eval.segmentation(loaded, probe, terms=terms),
+            "mean_ablation": shapes_eval.mean_ablation(loaded, probe, last_layers=2, out=terms[1])}
 
 
 # ----------------------------------------------------------------------------------------------

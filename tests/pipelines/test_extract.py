@@ -79,6 +79,7 @@ def test_store_holds_every_array_with_dimension_names(split_store, model_cache):
         "direct/bias": (("sample", "embed"), (N_ROWS, D)),
         "direct/mlps": (("sample", "layer", "embed"), (N_ROWS, L, D)),
         "direct/heads": (("sample", "layer", "head", "embed"), (N_ROWS, L, H, D)),
+        "direct/cls_token": (("sample", "layer", "embed"), (N_ROWS, L, D)),
         "direct/tokens": (("sample", "token_layer", "head", "token", "embed"), (N_ROWS, 1, H, T, D)),
         "second_order/layer_1/weights": (("sample", "later_layer", "head", "neuron"), (N_ROWS, L - 2, H, N)),
         "second_order/layer_1/shared": (("sample", "embed"), (N_ROWS, D)),
@@ -211,6 +212,8 @@ def test_float16_storage_of_chosen_head_layers(tmp_path, tiny_dataset, model_cac
     rows = np.arange(len(keys))
     assert rel_error(arrays["direct/heads"][rows], expected["direct/heads"][:, 2:]) <= 2e-3
     assert rel_error(arrays["direct/mlps"][rows], expected["direct/mlps"][:, 2:]) <= 2e-3
+    assert arrays["direct/cls_token"].shape == (8, 2, D)
+    assert rel_error(arrays["direct/cls_token"][rows], expected["direct/cls_token"][:, 2:]) <= 2e-3
     for name in ("image_embedding", "direct/embedding", "direct/bias", "second_order/layer_0/weights",
                  "second_order/layer_0/shared"):
         assert rel_error(arrays[name][rows], expected[name]) <= 2e-3, name

@@ -54,9 +54,9 @@ def _naive_mask(scene: sw.Scene, size: int) -> np.ndarray:
 
 def test_masks_match_a_naive_rasteriser(scenes):
     for scene in scenes[:4]:
-        ref = _naive_mask(scene, 64)
+        ref = _naive_mask(scene, scene.mask.shape[0])
         # Centres and radii are rounded to 4 decimals in the attributes; a boundary subsample may
-        # flip, so allow a handful of pixels out of 4096.
+        # flip, so allow a handful of pixels.
         assert (ref != scene.mask).sum() <= 3, scene.key
         assert set(np.unique(scene.mask)) <= set(range(len(scene.objects) + 1))
 
@@ -107,7 +107,8 @@ def test_pixels_carry_the_planted_colours_and_positions(scenes):
                 assert np.abs(np.median(image[core], 0) - np.array(o.rgb)).max() <= 2.5, (scene.key, o)
             ys, xs = np.nonzero(inside)
             if len(ys) > 0.8 * np.pi * (0.8 * o.radius) ** 2:  # barely occluded: centroid in its cell
-                assert (int(ys.mean() // (64 / 3)), int(xs.mean() // (64 / 3))) == o.cell
+                cell = scene.mask.shape[0] / 3
+                assert (int(ys.mean() // cell), int(xs.mean() // cell)) == o.cell
         background = image[scene.mask == 0]
         spread = background.max(1) - background.min(1)
         assert np.median(spread) < 40  # grey-ish: objects are saturated (spread ≥ 120)
@@ -152,6 +153,11 @@ def test_counts_option_and_image_size():
             sw.WorldConfig(**bad).validated()
     with pytest.raises(ConfigError, match="n must be"):
         list(sw.generate(-1, 0))
+    with pytest.raises(ConfigError, match="unknown world option"):
+        list(sw.generate(1, 0, colour="red"))
+    jittered = sw.world_config(64, position_jitter=0.1, radius_jitter=0.1, counts=[2])
+    centres = {o.center for s in sw.generate_scenes(20, 0, config=jittered) for o in s.objects}
+    assert len(centres) == 40 and all(len(s.objects) == 2 for s in sw.generate_scenes(5, 0, config=jittered))
 
 
 def test_encode_png_round_trips_through_pil(scenes):

@@ -1,0 +1,135 @@
+"""What the shapes-world CLIP has learnt, measured on held-out scenes with known truth.
+
+- zero-shot accuracy (colour, shape, colour+shape, count) and caption retrieval: `shapes_train`;
+- zero-shot segmentation: per-token direct effects (DESIGN §3, thesis §2.5) along the text of
+  the image's own class, "a {colour} {shape}", binarised and compared with the main object's mask;
+  the baseline is the raw class-token attention of the last layer (mean over heads), scored the
+  same way;
+- mean-ablation: the direct effects of the last layers' heads alone carry the zero-shot accuracy
+  (everything else replaced by its mean over the evaluated scenes), and the rest alone does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from clipscope.errors import ConfigError
+from clipscope.kernels.decompose import DecomposeRequest, activation, decompose, embed, layer_norm
+from clipscope.kernels.vit import ViTSpec
+from clipscope.pipelines import shapes_world as world
+from clipscope.pipelines.models import LoadedModel
+
+
+def to_pixels(patch_scores: Float[Tensor, "batch patch"], spec: ViTSpec) -> Float[Tensor, "batch h w"]:
+    """Bilinear upsampling of the patch grid to the input resolution."""
+    gh, gw = spec.image_size[0] // spec.patch_size[0], spec.image_size[1] // spec.patch_size[1]
+    grid = patch_scores.reshape(-1, 1, gh, gw).float()
+    return F.interpolate(grid, size=tuple(spec.image_size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def segmentation_scores(heatmaps: Float[Tensor, "batch h w"], masks: Bool[np.ndarray, "batch h w"]) -> dict:
+    """Pixel accuracy and mIoU (foreground/background) of per-image min-max normalised heatmaps
+    thresholded at their mean, accumulated over the dataset (the protocol of Chefer et al. that the
+    thesis uses for ImageNet-segmentation)."""
+    flat = heatmaps.reshape(len(heatmaps), -1).double()
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    norm = (flat - low) / (high - low).clamp_min(1e-12)
+    pred = norm > norm.mean(1, keepdim=True)
+    truth = torch.as_tensor(np.asarray(masks)).reshape(len(masks), -1).bool()
+    ious = []
+    for cls in (False, True):
+        inter = ((pred == cls) & (truth == cls)).sum().item()
+        union = ((pred == cls) | (truth == cls)).sum().item()
+        ious.append(inter / union if union else 1.0)
+    return {"pixel_acc": (pred == truth).double().mean().item(), "miou": float(np.mean(ious))}
+
+
+def cls_attention(spec: ViTSpec, images: Float[Tensor, "batch 3 h w"], layer: int
+                  ) -> tuple[Float[Tensor, "batch head token"], Float[Tensor, "batch embed"]]:
+    """Class-token attention of resblock `layer`, recomputed from the weights, and the model output
+    of the same forward (so a caller can check this forward against ``encode_image``)."""
+    with torch.no_grad():
+        x = embed(spec, images.to(spec.dtype))
+        found = None
+        for index, block in enumerate(spec.blocks):
+            y = layer_norm(block.ln_1, x)
+            q = torch.einsum("btw,hew->bhte", y, block.w_q) + block.b_q[None, :, None]
+            k = torch.einsum("btw,hew->bhte", y, block.w_k) + block.b_k[None, :, None]
+            v = torch.einsum("btw,hew->bhte", y, block.w_v) + block.b_v[None, :, None]
+            attn = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)  # [batch head query key]
+            if index == layer:
+                found = attn[:, :, 0]
+            z = torch.einsum("bhqk,bhke->bhqe", attn, v)
+            x = x + block.ls_1 * (torch.einsum("bhqe,hwe->bqw", z, block.w_o) + block.b_o)
+            hidden = activation(block.activation, layer_norm(block.ln_2, x) @ block.w_in.T + block.b_in)
+            x = x + block.ls_2 * (hidden @ block.w_out.T + block.b_out)
+        return found, layer_norm(spec.ln_post, x[:, 0]) @ spec.proj
+
+
+def label_directions(loaded: LoadedModel) -> Float[Tensor, "embed label"]:
+    from clipscope.pipelines.shapes_train import zero_shot_weights
+
+    return zero_shot_weights(loaded, list(world.LABELS), world.LABEL_PROMPTS).cpu()
+
+
+def decompose_scenes(loaded: LoadedModel, scenes: Sequence[world.Scene], token_layers: Sequence[int]) -> tuple[Tensor, dict]:
+    from clipscope.pipelines.shapes_train import image_tensor
+
+    images = image_tensor(np.stack([s.image for s in scenes]), loaded)
+    return images, decompose(loaded.spec, images, DecomposeRequest(direct=True, token_layers=tuple(token_layers)))
+
+
+def class_text_directions(loaded: LoadedModel, labels: Sequence[int]) -> Float[Tensor, "batch embed"]:
+    """Each scene's class text direction with the mean over all classes removed.
+
+    Zero-shot scores compare classes, so only w_c − mean_c' w_c' matters to them; the common part
+    (what "a photo of a … shape" shares) would light up every token that adds to the image norm."""
+    weights = label_directions(loaded)  # [embed label]
+    return (weights - weights.mean(1, keepdim=True))[:, list(labels)].T
+
+
+def segmentation(loaded: LoadedModel, scenes: Sequence[world.Scene], *,
+                 terms: tuple[Tensor, dict] | None = None) -> dict:
+    """Zero-shot segmentation of each scene's main object: ours (the per-token direct effects
+    c_token^t = Σ_{l,h} c_{t,l,h} of DESIGN §3, every layer, along the scene's class text) vs the
+    last layer's raw class-token attention (mean over heads); `terms` must hold every layer's tokens."""
+    spec = loaded.spec
+    layers = list(range(spec.n_layers))
+    images, out = terms if terms is not None else decompose_scenes(loaded, scenes, layers)
+    if out["direct/tokens"].shape[1] != spec.n_layers:
+        raise ConfigError(f"segmentation needs the per-token terms of all {spec.n_layers} layers, "
+                          f"got {out['direct/tokens'].shape[1]}")
+    texts = class_text_directions(loaded, [s.label for s in scenes])  # [batch embed]
+    tokens = out["direct/tokens"].sum((1, 2))[:, 1:]  # [batch patch embed]
+    ours = to_pixels(torch.einsum("bpd,bd->bp", tokens.float(), texts), spec)
+    attention, _ = cls_attention(spec, images, spec.n_layers - 1)
+    baseline = to_pixels(attention.mean(1)[:, 1:], spec)
+    masks = np.stack([s.object_mask(0) for s in scenes])
+    return {"ours": segmentation_scores(ours, masks), "attention": segmentation_scores(baseline, masks),
+            "n": len(scenes)}
+
+
+def mean_ablation(loaded: LoadedModel, scenes: Sequence[world.Scene], *, last_layers: int = 2,
+                  out: dict | None = None) -> dict:
+    """Zero-shot accuracy from the last layers' head terms alone (all other direct effects
+    mean-ablated) and, as the control, from everything but them (they are mean-ablated)."""
+    from clipscope.pipelines.shapes_train import zero_shot_accuracy
+
+    if out is None:
+        _, out = decompose_scenes(loaded, scenes, ())
+    first = loaded.spec.n_layers - last_layers
+    kept = out["direct/heads"][:, first:].sum((1, 2))
+    others = out["image_embedding"] - kept  # embedding, MLPs, earlier heads, biases
+    heads_only = F.normalize(kept + others.mean(0, keepdim=True), dim=-1)
+    rest_only = F.normalize(others + kept.mean(0, keepdim=True), dim=-1)
+    full = F.normalize(out["image_embedding"], dim=-1)
+    return {"full": zero_shot_accuracy(loaded, scenes, full),
+            "last_heads_only": zero_shot_accuracy(loaded, scenes, heads_only),
+            "without_last_heads": zero_shot_accuracy(loaded, scenes, rest_only),
+            "last_layers": list(range(first, loaded.spec.n_layers))}
