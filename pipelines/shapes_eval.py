@@ -5,8 +5,8 @@
   the image's own class, "a {colour} {shape}", binarised and compared with the main object's mask;
   the baseline is the raw class-token attention of the last layer (mean over heads), scored the
   same way;
-- mean-ablation: the direct effects of the last layers' heads alone carry the zero-shot accuracy
-  (everything else replaced by its mean over the evaluated scenes), and the rest alone does not.
+- mean-ablation: which direct-effect terms carry the zero-shot accuracy when every other term is
+  replaced by its mean over the evaluated scenes.
 """
 
 from __future__ import annotations
@@ -117,19 +117,26 @@ def segmentation(loaded: LoadedModel, scenes: Sequence[world.Scene], *,
 
 def mean_ablation(loaded: LoadedModel, scenes: Sequence[world.Scene], *, last_layers: int = 2,
                   out: dict | None = None) -> dict:
-    """Zero-shot accuracy from the last layers' head terms alone (all other direct effects
-    mean-ablated) and, as the control, from everything but them (they are mean-ablated)."""
+    """Zero-shot accuracy when only some direct-effect terms are kept and every other term is
+    replaced by its mean over the evaluated scenes: all heads; the last `last_layers` layers' heads;
+    all heads plus the last MLP; all MLPs; and everything but the last layers' heads."""
     from clipscope.pipelines.shapes_train import zero_shot_accuracy
 
     if out is None:
         _, out = decompose_scenes(loaded, scenes, ())
     first = loaded.spec.n_layers - last_layers
-    kept = out["direct/heads"][:, first:].sum((1, 2))
-    others = out["image_embedding"] - kept  # embedding, MLPs, earlier heads, biases
-    heads_only = F.normalize(kept + others.mean(0, keepdim=True), dim=-1)
-    rest_only = F.normalize(others + kept.mean(0, keepdim=True), dim=-1)
-    full = F.normalize(out["image_embedding"], dim=-1)
-    return {"full": zero_shot_accuracy(loaded, scenes, full),
-            "last_heads_only": zero_shot_accuracy(loaded, scenes, heads_only),
-            "without_last_heads": zero_shot_accuracy(loaded, scenes, rest_only),
-            "last_layers": list(range(first, loaded.spec.n_layers))}
+    emb, heads, mlps = out["image_embedding"], out["direct/heads"], out["direct/mlps"]
+    last_heads = heads[:, first:].sum((1, 2))
+    kept_sets = {
+        "heads_only": heads.sum((1, 2)),
+        "last_heads_only": last_heads,
+        "heads_and_last_mlp": heads.sum((1, 2)) + mlps[:, -1],
+        "mlps_only": mlps.sum(1),
+        "without_last_heads": emb - last_heads,
+    }
+    result: dict = {"full": zero_shot_accuracy(loaded, scenes, F.normalize(emb, dim=-1))}
+    for name, kept in kept_sets.items():
+        others = emb - kept
+        result[name] = zero_shot_accuracy(loaded, scenes, F.normalize(kept + others.mean(0, keepdim=True), dim=-1))
+    result["last_layers"] = list(range(first, loaded.spec.n_layers))
+    return result

@@ -49,8 +49,8 @@ class TrainConfig:
     model: str = SHAPES_MODEL
     seed: int = 0  # model init
     data_seed: int = 1  # shapes world of the training images (held-out evaluation uses others)
-    steps: int = 1500
-    batch_size: int = 256
+    steps: int = 1000
+    batch_size: int = 224
     lr: float = 2e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100

@@ -119,7 +119,7 @@ def _shapes(attribute: str) -> Callable[..., list[str]]:
             "shapes": list(world.SHAPES),
             "positions": list(world.POSITIONS),
             "sizes": list(world.SIZES),
-            "counts": [f"{world.COUNT_WORDS[c]} shapes" for c in sorted(world.COUNT_WORDS)],
+            "counts": [f"{world.COUNT_WORDS[c]} shape{'s' if c != 1 else ''}" for c in sorted(world.COUNT_WORDS)],
         }[attribute]
         return _apply(words, template)
 

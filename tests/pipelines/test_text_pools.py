@@ -23,7 +23,7 @@ def test_shapes_pools_hold_the_world_vocabulary():
     assert tp.get_pool("shapes-shapes").texts == list(sw.SHAPES)
     assert tp.get_pool("shapes-positions").texts == list(sw.POSITIONS)
     assert tp.get_pool("shapes-sizes").texts == ["small", "medium", "large"]
-    assert tp.get_pool("shapes-counts").texts == ["one shapes", "two shapes", "three shapes"]
+    assert tp.get_pool("shapes-counts").texts == ["one shape", "two shapes", "three shapes"]
     assert tp.get_pool("shapes-shapes", template="a {}").texts[0] == "a circle"
     everything = tp.get_pool("shapes-all")
     parts = [tp.get_pool(f"shapes-{a}").texts for a in ("colours", "shapes", "positions", "sizes", "counts")]
