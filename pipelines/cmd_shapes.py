@@ -15,9 +15,11 @@ def add_arguments(parser) -> None:
     gen = sub.add_parser("generate", help="write the shapes world as webdataset shards",
                          description="Write the shapes world (options: clipscope shapes generate -- --help).")
     gen.add_argument("args", nargs=argparse.REMAINDER, help="OUT [--shards N] [--per-shard N] [--seed S] …")
+    gen.set_defaults(passthrough=True)
     train = sub.add_parser("train", help="train the shapes-world CLIP and write its fp16 checkpoint",
                            description="Train clipscope-shapes (options: clipscope shapes train -- --help).")
     train.add_argument("args", nargs=argparse.REMAINDER, help="[--out PATH] [--steps N] [--check] …")
+    train.set_defaults(passthrough=True)
     ev = sub.add_parser("evaluate", help="held-out zero-shot, retrieval, segmentation and ablation numbers")
     ev.add_argument("--checkpoint", help="a checkpoint other than the shipped one")
     ev.add_argument("--seed", type=int, default=12345, help="held-out world seed (training uses seed 1)")
@@ -28,7 +30,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from clipscope.errors import ConfigError
 
-    rest = [a for a in getattr(args, "args", []) if a != "--"]
+    # Everything after the action word, in the order typed (argparse would reorder options).
+    words = args.argv[args.argv.index("shapes") + 1:]
+    rest = words[words.index(args.shapes_command) + 1:]
+    rest = rest[1:] if rest[:1] == ["--"] else rest
     if args.shapes_command == "generate":
         from clipscope.pipelines.shapes_world import main
 
