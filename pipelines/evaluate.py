@@ -34,7 +34,7 @@ import torch
 from clipscope.errors import ConfigError, StoreError
 from clipscope.kernels.ablation import ablation_delta, correct_counts, masked_head_delta, zero_shot_logits
 from clipscope.pipelines.models import LoadedModel
-from clipscope.pipelines.reductions import MEAN_PREFIX, _map_reduce, dataset_means, row_blocks
+from clipscope.pipelines.reductions import _map_reduce, current_means, row_blocks, stale_means
 from clipscope.pipelines.zero_shot import ZeroShotTask, classifier, get_task, store_classes
 from clipscope.storage.store import RunStore
 
@@ -141,16 +141,11 @@ def ablation_means(store: RunStore, names: Sequence[str], *, use_ray: bool = Fal
                          "store to evaluate the class-token ablation, or leave it out (--no-cls-token)")
     if missing:
         raise StoreError(f"{store.url} has no {missing[0]}; re-extract it with direct effects")
-    n_valid = int(store.read_valid().sum())
-    existing = set(store.array_names())
-    stale = [n for n in names if f"{MEAN_PREFIX}/{n}" not in existing
-             or store.array(f"{MEAN_PREFIX}/{n}").attrs.get("count") != n_valid]
-    if stale:
-        if store.mode != "r+":
-            raise StoreError(f"{store.url} has no up-to-date dataset mean of {stale[0]} and is opened read-only; "
-                             "open it writable (mode 'r+') so the means can be computed and stored")
-        dataset_means(store, stale, use_ray=use_ray)
-    return {n: store.read_result(f"{MEAN_PREFIX}/{n}").astype(np.float64) for n in names}
+    stale = stale_means(store, names)
+    if stale and store.mode != "r+":
+        raise StoreError(f"{store.url} has no up-to-date dataset mean of {stale[0]} and is opened read-only; "
+                         "open it writable (mode 'r+') so the means can be computed and stored")
+    return current_means(store, names, use_ray=use_ray)
 
 
 def _head_masks(ablations: Sequence[Ablation], layers: Sequence[int], n_heads: int) -> np.ndarray:

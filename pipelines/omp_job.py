@@ -34,7 +34,7 @@ import torch
 from clipscope.errors import ConfigError, StoreError
 from clipscope.kernels.omp import omp_path, reference_dictionary
 from clipscope.pipelines.models import LoadedModel
-from clipscope.pipelines.reductions import _map_reduce, dataset_means, row_blocks
+from clipscope.pipelines.reductions import _map_reduce, current_means, row_blocks
 from clipscope.pipelines.text_pools import TextPool
 from clipscope.pipelines.textspan_job import cached_text_embeddings, embeddings_key
 from clipscope.storage.layout import row_slices
@@ -258,7 +258,7 @@ def replace_block(store: RunStore, layer: int, weights: np.ndarray, classes: np.
     result, pcs, recon = reconstructions(store, layer)
     group = f"second_order/layer_{layer}"
     names = [f"{group}/weights"] + ([f"{group}/shared"] if f"{group}/shared" in store.array_names() else [])
-    means = dataset_means(store, names, use_ray=use_ray, write=False)
+    means = current_means(store, names, use_ray=use_ray)
     directions = store.read_result(f"{group}/directions").astype(np.float64)
     if directions.shape[2:] != pcs.shape:
         raise StoreError(f"{group}/directions {directions.shape} does not fit the PCs {pcs.shape}")

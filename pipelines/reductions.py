@@ -76,6 +76,23 @@ def dataset_means(store: RunStore, names: Sequence[str] | None = None, *, use_ra
     return means
 
 
+def stale_means(store: RunStore, names: Sequence[str]) -> list[str]:
+    """The names whose `reductions/means` entry is missing or was written for another number of valid rows."""
+    count = int(store.read_valid().sum())
+    existing = set(store.array_names())
+    return [n for n in names if f"{MEAN_PREFIX}/{n}" not in existing
+            or store.array(f"{MEAN_PREFIX}/{n}").attrs.get("count") != count]
+
+
+def current_means(store: RunStore, names: Sequence[str], *, use_ray: bool = False) -> dict[str, np.ndarray]:
+    """Dataset means (float64) of `names`: up-to-date ones are read from `reductions/means`, the
+    others computed in one pass (and stored when the store is writable)."""
+    stale = stale_means(store, names)
+    fresh = dataset_means(store, stale, use_ray=use_ray, write=store.mode == "r+") if stale else {}
+    return {n: fresh[n] if n in fresh else store.read_result(f"{MEAN_PREFIX}/{n}").astype(np.float64)
+            for n in names}
+
+
 def head_positions(store: RunStore, layers: Sequence[int]) -> list[int]:
     stored = store.attrs.get("layers", {}).get("heads", [])
     missing = [l for l in layers if l not in stored]

@@ -52,7 +52,7 @@ from clipscope.kernels.neuron_pca import (
     topk_merge,
     topk_update,
 )
-from clipscope.pipelines.reductions import MEAN_PREFIX, _map_reduce, dataset_means, row_blocks
+from clipscope.pipelines.reductions import _map_reduce, current_means, row_blocks
 from clipscope.storage.store import RunStore
 
 RESULT_PREFIX = "reductions/second_order"
@@ -140,14 +140,7 @@ def layer_means(store: RunStore, arrays: LayerArrays, *, use_ray: bool = False) 
     count = int(store.read_valid().sum())
     if count == 0:
         raise ConfigError(f"{store.url} has no valid rows to reduce")
-    stored = set(store.array_names())
-    means = {}
-    for name in names:
-        key = f"{MEAN_PREFIX}/{name}"
-        if key in stored and store.array(key).attrs.get("count") == count:
-            means[name] = store.read_result(key).astype(np.float64)
-    if len(means) < len(names):
-        means = dataset_means(store, names, use_ray=use_ray, write=store.mode == "r+")
+    means = current_means(store, names, use_ray=use_ray)
     return {"weights": means[arrays.weights], "shared": means.get(arrays.shared), "count": count}
 
 
