@@ -20,7 +20,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from clipscope.errors import ConfigError
-from clipscope.kernels.decompose import DecomposeRequest, activation, decompose, embed, layer_norm
+from clipscope.kernels.decompose import DecomposeRequest, decompose
 from clipscope.kernels.vit import ViTSpec
 from clipscope.pipelines import shapes_world as world
 from clipscope.pipelines.models import LoadedModel
@@ -50,26 +50,21 @@ def segmentation_scores(heatmaps: Float[Tensor, "batch h w"], masks: Bool[np.nda
     return {"pixel_acc": (pred == truth).double().mean().item(), "miou": float(np.mean(ious))}
 
 
-def cls_attention(spec: ViTSpec, images: Float[Tensor, "batch 3 h w"], layer: int
+def cls_attention(loaded: LoadedModel, images: Float[Tensor, "batch 3 h w"], layer: int
                   ) -> tuple[Float[Tensor, "batch head token"], Float[Tensor, "batch embed"]]:
-    """Class-token attention of resblock `layer`, recomputed from the weights, and the model output
-    of the same forward (so a caller can check this forward against ``encode_image``)."""
-    with torch.no_grad():
-        x = embed(spec, images.to(spec.dtype))
-        found = None
-        for index, block in enumerate(spec.blocks):
-            y = layer_norm(block.ln_1, x)
-            q = torch.einsum("btw,hew->bhte", y, block.w_q) + block.b_q[None, :, None]
-            k = torch.einsum("btw,hew->bhte", y, block.w_k) + block.b_k[None, :, None]
-            v = torch.einsum("btw,hew->bhte", y, block.w_v) + block.b_v[None, :, None]
-            attn = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)  # [batch head query key]
-            if index == layer:
-                found = attn[:, :, 0]
-            z = torch.einsum("bhqk,bhke->bhqe", attn, v)
-            x = x + block.ls_1 * (torch.einsum("bhqe,hwe->bqw", z, block.w_o) + block.b_o)
-            hidden = activation(block.activation, layer_norm(block.ln_2, x) @ block.w_in.T + block.b_in)
-            x = x + block.ls_2 * (hidden @ block.w_out.T + block.b_out)
-        return found, layer_norm(spec.ln_post, x[:, 0]) @ spec.proj
+    """Class-token attention of resblock `layer`, per head, from the model's own attention module
+    (its ln_1 output captured during ``encode_image``), and the ``encode_image`` output."""
+    block = loaded.model.visual.transformer.resblocks[layer]
+    captured: dict[str, Tensor] = {}
+    handle = block.ln_1.register_forward_hook(lambda module, inputs, output: captured.setdefault("y", output))
+    try:
+        with torch.no_grad():
+            output = loaded.model.encode_image(images)
+            y = captured["y"]
+            _, weights = block.attn(y, y, y, need_weights=True, average_attn_weights=False)
+    finally:
+        handle.remove()
+    return weights[:, :, 0], output
 
 
 def label_directions(loaded: LoadedModel) -> Float[Tensor, "embed label"]:
@@ -108,7 +103,7 @@ def segmentation(loaded: LoadedModel, scenes: Sequence[world.Scene], *,
     texts = class_text_directions(loaded, [s.label for s in scenes])  # [batch embed]
     tokens = out["direct/tokens"].sum((1, 2))[:, 1:]  # [batch patch embed]
     ours = to_pixels(torch.einsum("bpd,bd->bp", tokens.float(), texts), spec)
-    attention, _ = cls_attention(spec, images, spec.n_layers - 1)
+    attention, _ = cls_attention(loaded, images, spec.n_layers - 1)
     baseline = to_pixels(attention.mean(1)[:, 1:], spec)
     masks = np.stack([s.object_mask(0) for s in scenes])
     return {"ours": segmentation_scores(ours, masks), "attention": segmentation_scores(baseline, masks),

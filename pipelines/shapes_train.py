@@ -36,6 +36,7 @@ from clipscope._torchvision_compat import import_open_clip
 from clipscope.errors import ConfigError, ModelError
 from clipscope.pipelines import shapes_world as world
 from clipscope.pipelines.models import LoadedModel, load_model, sha256_file
+from clipscope.pipelines.queries import encode_texts
 
 SHAPES_MODEL = "clipscope-shapes"
 ASSET_DIR = pathlib.Path(__file__).parent / "assets"
@@ -279,12 +280,6 @@ def encode_images(loaded: LoadedModel, images: np.ndarray, batch_size: int = 256
     return torch.cat(out)
 
 
-def encode_texts(loaded: LoadedModel, texts: Sequence[str]) -> torch.Tensor:
-    device = next(loaded.model.parameters()).device
-    with torch.no_grad():
-        return F.normalize(loaded.model.encode_text(loaded.tokenizer(list(texts)).to(device)), dim=-1).cpu()
-
-
 ATTRIBUTE_TASKS = {
     "colour": (list(world.COLOURS), world.COLOUR_PROMPTS, lambda o: list(world.COLOURS).index(o.colour)),
     "shape": (list(world.SHAPES), world.SHAPE_PROMPTS, lambda o: world.SHAPES.index(o.shape)),
@@ -316,7 +311,7 @@ def retrieval(loaded: LoadedModel, scenes: Sequence[world.Scene], embeddings: to
     caption that is true of the image (or an image the caption is true of), with its chance level."""
     if embeddings is None:
         embeddings = encode_images(loaded, np.stack([s.image for s in scenes]))
-    texts = encode_texts(loaded, [s.caption for s in scenes])
+    texts = torch.from_numpy(encode_texts(loaded, [s.caption for s in scenes]))
     truth = torch.from_numpy(world.claim_matrix(scenes))  # [caption image]
     sims = embeddings @ texts.T  # [image text]
     out: dict = {"n": len(scenes)}

@@ -116,7 +116,7 @@ def test_caption_retrieval_above_chance(loaded, mixed):
 
 def test_attention_reference_forward_is_the_model(loaded, single_terms):
     images, out = single_terms
-    attention, output = se.cls_attention(loaded.spec, images, loaded.spec.n_layers - 1)
+    attention, output = se.cls_attention(loaded, images, loaded.spec.n_layers - 1)
     torch.testing.assert_close(output, out["image_embedding"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(attention.sum(-1), torch.ones(attention.shape[:2]), rtol=0, atol=1e-5)
 
