@@ -25,3 +25,13 @@ def _cached_model(name: str, seed: int = 0):
 def model_cache():
     """`model_cache(name)` → a random-init LoadedModel, loaded once per session. Do not mutate."""
     return _cached_model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch computes with one thread here, as 1-CPU Ray actors and subprocess workers do, so float
+    results of a reference run and of the run under test agree bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

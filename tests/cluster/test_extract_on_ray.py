@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 import zarr
 from PIL import Image
 
@@ -138,15 +137,6 @@ class UnreadableShardExtractor(ShardExtractor):
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """The driver computes with one thread, as the 1-CPU actors do, so floats agree bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

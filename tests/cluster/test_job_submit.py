@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from clipscope.pipelines.extract import run_extract
 
@@ -114,15 +113,6 @@ def token_head(tmp_path):
         stop_process_group(head)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@pytest.fixture
-def one_thread():
-    """The in-process reference computes with one thread, as the job's driver and actors do."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

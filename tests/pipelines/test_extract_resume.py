@@ -19,7 +19,6 @@ import warnings
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 import zarr
 
 from clipscope.storage.lock import StaleLockWarning
@@ -204,15 +203,6 @@ def test_a_live_writer_keeps_others_out_and_a_dead_ones_lock_is_taken_over(resum
 # SIGKILL at random points, then resume
 
 KILL_ARGS = ("--batch-size", "2", "--second-order-layers", "2", "--token-layers", "3")
-
-
-@pytest.fixture
-def one_thread():
-    """Subprocesses and this process compute with one thread, so float results agree bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def n_done(store: str) -> int:
