@@ -117,7 +117,7 @@ def mean_ablation(loaded: LoadedModel, scenes: Sequence[world.Scene], *, last_la
     """Zero-shot accuracy when some direct-effect terms are replaced by their mean over the evaluated
     scenes: the MLPs and every head but those of the last `last_layers` layers (the thesis's
     ablation, `clipscope evaluate --keep-last`; the class embedding's and the biases' terms stay);
-    everything but the heads; everything but the MLPs; and the last layers' heads alone."""
+    everything but the heads; everything but the MLPs; and only the last layers' heads."""
     from clipscope.pipelines.shapes_train import zero_shot_accuracy
 
     if out is None:

@@ -5,8 +5,9 @@ seeded random init of `load_model`) contrastively on freshly generated shapes-wo
 writes the fp16 state dict to ``pipelines/assets/clipscope-shapes.safetensors``. Everything is a
 function of the `TrainConfig` (model seed, world seed, steps, …): torch runs with deterministic
 algorithms and a fixed thread count, so rerunning the script on the same machine reproduces the
-file bit for bit (``--check`` retrains and compares with the shipped file). Other CPUs may round
-differently (other SIMD paths), so the shipped file, not the script, is the reference.
+tensors and metadata bit for bit (``--check`` retrains and compares `content_digest`s; the file's
+own bytes vary with safetensors' metadata key order). Other CPUs may round differently (other SIMD
+paths), so the shipped file, not the script, is the reference.
 
 Loss: InfoNCE in both directions (as open_clip's ``ClipLoss``) except that every caption that is
 *true* of an image is a positive of it, the target spread evenly over them (the world knows:
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -323,7 +325,7 @@ def train(config: TrainConfig = TrainConfig(), *, log: Callable[[str], None] = p
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, config: TrainConfig) -> str:
-    """Write the fp16 state dict as safetensors (deterministic bytes); returns its sha256."""
+    """Write the fp16 state dict as safetensors; returns its `content_digest`."""
     from safetensors.torch import save_file
 
     state = {name: tensor.detach().to(torch.float16).contiguous() for name, tensor in model.state_dict().items()}
@@ -334,7 +336,23 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, config: Tra
     tmp = path.with_name(f".tmp-{path.name}")
     save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, path)
-    return sha256_file(path)
+    return content_digest(path)
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 of a safetensors file's content: every tensor's name, dtype, shape and bytes in name
+    order, then the metadata with sorted keys. The file's own bytes are not reproducible: safetensors
+    writes the metadata keys in hash-map order, which changes from run to run."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as fh:
+        for name in sorted(fh.keys()):
+            tensor = fh.get_tensor(name).contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.numpy().tobytes())
+        digest.update(json.dumps(fh.metadata() or {}, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def checkpoint_metadata(path: str | os.PathLike = CHECKPOINT) -> dict:
@@ -426,8 +444,8 @@ def retrieval(loaded: LoadedModel, scenes: Sequence[world.Scene], embeddings: to
 
 def evaluate(loaded: LoadedModel, *, seed: int = 2, n: int = 1000) -> dict:
     """Held-out numbers: zero-shot on single-object and mixed scenes, caption retrieval, and what the
-    decomposition shows (segmentation by per-token direct effects, mean-ablation of all but the
-    last layers' heads) on `min(n, 300)` single-object scenes."""
+    decomposition shows (segmentation by per-token direct effects, mean-ablation of the MLPs and all
+    heads but the last two layers') on `min(n, 300)` single-object scenes."""
     from clipscope.pipelines import shapes_eval
 
     size = loaded.image_size[0]
@@ -452,7 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description="Train the shapes-world CLIP and write its fp16 checkpoint.")
     parser.add_argument("--out", default=str(CHECKPOINT), help=f"checkpoint path (default: {CHECKPOINT})")
     parser.add_argument("--check", action="store_true",
-                        help="retrain into a temporary file and compare its sha256 with --out (the shipped file)")
+                        help="retrain into a temporary file and compare its content (tensors and metadata) "
+                             "with --out (the shipped file)")
     parser.add_argument("--eval-seed", type=int, default=2, help="world seed of the held-out evaluation")
     parser.add_argument("--log-json", help="also write the summary (timing, evaluation) to this JSON file")
     parser.add_argument("--eval-every", type=int, default=0, help="log held-out zero-shot accuracy every N steps")
@@ -469,11 +488,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.check:
             fresh = target.with_name(f".check-{target.name}")
             digest = save_checkpoint(loaded.model, fresh, config)
-            shipped = sha256_file(target) if target.is_file() else None
+            shipped = content_digest(target) if target.is_file() else None
             fresh.unlink()
-            summary.update(sha256=digest, shipped_sha256=shipped, identical=digest == shipped)
+            summary.update(content_sha256=digest, shipped_content_sha256=shipped, identical=digest == shipped)
         else:
-            summary["sha256"] = save_checkpoint(loaded.model, target, config)
+            summary["content_sha256"] = save_checkpoint(loaded.model, target, config)
+            summary["sha256"] = sha256_file(target)
             summary["bytes"] = target.stat().st_size
             loaded = load_shapes_model(path=target)  # evaluate what ships: fp16-rounded weights
         summary["evaluation"] = evaluate(loaded, seed=args.eval_seed)
@@ -484,7 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_json:
         pathlib.Path(args.log_json).write_text(json.dumps(summary, indent=1))
     if args.check and not summary["identical"]:
-        print(f"checkpoint differs from {target}: {summary['sha256']} vs {summary['shipped_sha256']}", file=sys.stderr)
+        print(f"checkpoint content differs from {target}: {summary['content_sha256']} vs "
+              f"{summary['shipped_content_sha256']}", file=sys.stderr)
         return 1
     return 0
 

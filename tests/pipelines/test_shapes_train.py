@@ -76,3 +76,16 @@ def test_bad_readout_options_are_named(changes, message):
 def test_readout_layers_beyond_the_model_are_named():
     with pytest.raises(ConfigError, match=r"readout_layers must be in \[1, 4\] \(clipscope-shapes has 4 layers\), got 5"):
         st.train(st.TrainConfig(steps=1, batch_size=4, readout_weight=0.5, readout_layers=5), log=lambda line: None)
+
+
+def test_content_digest_sees_tensors_and_metadata_not_the_file_layout(loaded, tmp_path):
+    """Re-saving the shipped model reproduces its content digest (the loaded fp32 weights are fp16
+    values; the metadata is the default `TrainConfig`); any changed value changes it."""
+    shipped = st.content_digest(st.CHECKPOINT)
+    assert st.save_checkpoint(loaded.model, tmp_path / "again.safetensors", st.TrainConfig()) == shipped
+    edited = st.load_shapes_model().model
+    with torch.no_grad():
+        edited.logit_scale.add_(1.0)
+    assert st.save_checkpoint(edited, tmp_path / "edited.safetensors", st.TrainConfig()) != shipped
+    other = dataclasses.replace(st.TrainConfig(), steps=999)
+    assert st.save_checkpoint(loaded.model, tmp_path / "meta.safetensors", other) != shipped
