@@ -161,6 +161,7 @@ def _block(block: nn.Module, index: int) -> BlockParams:
     e = width // heads
     w_q, w_k, w_v = attn.in_proj_weight.detach().reshape(3, heads, e, width)
     b_q, b_k, b_v = attn.in_proj_bias.detach().reshape(3, heads, e)
+    # Views, never copies: a spec cached on a LoadedModel must follow in-place training and edits.
     w_o = attn.out_proj.weight.detach().reshape(width, heads, e).permute(1, 0, 2)
     b_o = attn.out_proj.bias.detach() if attn.out_proj.bias is not None else torch.zeros(width)
     mlp = block.mlp
@@ -171,7 +172,7 @@ def _block(block: nn.Module, index: int) -> BlockParams:
     return BlockParams(
         ln_1=_ln(block.ln_1, f"{where}.ln_1"),
         w_q=w_q, w_k=w_k, w_v=w_v, b_q=b_q, b_k=b_k, b_v=b_v,
-        w_o=w_o.contiguous(), b_o=b_o,
+        w_o=w_o, b_o=b_o,
         ls_1=_layer_scale(block.ls_1, width, like),
         ln_2=_ln(block.ln_2, f"{where}.ln_2"),
         w_in=c_fc.weight.detach(), b_in=c_fc.bias.detach(),

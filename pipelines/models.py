@@ -74,11 +74,6 @@ class LoadedModel:
             self._spec = vit_spec_from_open_clip(self.model.visual)
         return self._spec
 
-    def weights_changed(self) -> None:
-        """Forget the cached `spec`: it holds copies of some weights (the per-head out-projections),
-        so it goes stale when the model is trained or edited in place."""
-        self._spec = None
-
     @property
     def image_size(self) -> tuple[int, int]:
         return self.spec.image_size

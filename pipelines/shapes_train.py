@@ -49,6 +49,7 @@ from torch import Tensor
 
 from clipscope._torchvision_compat import import_open_clip
 from clipscope.errors import ConfigError, ModelError
+from clipscope.kernels.decompose import layer_norm_stats
 from clipscope.pipelines import shapes_world as world
 from clipscope.pipelines.models import LoadedModel, load_model, sha256_file
 from clipscope.pipelines.queries import encode_texts
@@ -204,8 +205,7 @@ def keep_last_embedding(visual: torch.nn.Module, tap: ClassTokenTap, embedding: 
     blocks = visual.transformer.resblocks
     n_layers, n_heads = len(blocks), blocks[0].attn.num_heads
     r = tap.final
-    mu = r.mean(-1, keepdim=True)
-    sigma = torch.sqrt(r.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    mu, sigma = (stat[:, None] for stat in layer_norm_stats(ln, r))
     offset = ln.bias @ proj - (mu / sigma) * (ln.weight @ proj)  # [batch embed]
     early = [layer for layer in range(n_layers) if layer not in set(keep)]
     # LayerScale (open_clip's ls_1: Identity or a per-channel gamma) scales the bias like the heads.
@@ -306,15 +306,12 @@ def train(config: TrainConfig = TrainConfig(), *, log: Callable[[str], None] = p
             model.eval()
             from clipscope.pipelines.shapes_eval import mean_ablation
 
-            loaded.weights_changed()
-
             acc = zero_shot_accuracy(loaded, probe)
             heads = mean_ablation(loaded, probe, last_layers=config.readout_layers)["keep_last_heads"]
             model.train()
             log(f"step {step + 1}: probe zero-shot " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if "any" not in k)
                 + f"; only the last {config.readout_layers} layers' heads: " + ", ".join(f"{k} {heads[k]:.3f}" for k in ("colour_acc", "shape_acc")))
     model.eval()
-    loaded.weights_changed()
     summary = {"seconds": time.perf_counter() - began,
                "final_loss": float(np.mean(losses[-log_every or 1:])), "config": asdict(config)}
     return loaded, summary

@@ -41,6 +41,26 @@ def test_random_init_is_seeded():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_cached_spec_follows_in_place_weight_changes():
+    """`LoadedModel.spec` is built once and holds views of the weights, so training or editing the
+    model in place keeps the decomposition exact without rebuilding it."""
+    from clipscope.kernels.decompose import DecomposeRequest, decompose
+
+    loaded = load_model("clipscope-tiny", "none", seed=0)
+    spec = loaded.spec
+    with torch.no_grad():
+        for param in loaded.model.visual.parameters():
+            param.mul_(1.5).add_(0.01)
+    assert loaded.spec is spec
+    images = torch.randn(2, 3, *loaded.image_size, generator=torch.Generator().manual_seed(0))
+    out = decompose(loaded.spec, images, DecomposeRequest(direct=True))
+    total = out["direct/embedding"] + out["direct/mlps"].sum(1) + out["direct/heads"].sum((1, 2)) + out["direct/bias"]
+    with torch.no_grad():
+        reference = loaded.model.encode_image(images)
+    torch.testing.assert_close(out["image_embedding"], reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(total, reference, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_local_checkpoint_round_trip(tmp_path, suffix):
     source = load_model("clipscope-tiny", "none", seed=7)
