@@ -52,20 +52,23 @@ def test_readout_loss_trains_the_kept_heads_and_what_feeds_them(loaded):
     assert blocks[0].mlp.c_fc.weight.grad.abs().sum() > 0  # earlier layers write what the heads read
 
 
-def test_short_training_is_deterministic_and_the_readout_loss_changes_it():
+def test_short_training_is_deterministic_and_the_readout_loss_and_clipping_change_it():
     config = st.TrainConfig(steps=2, batch_size=16, warmup_steps=1, readout_weight=1.0)
     first, summary = st.train(config, log=lambda line: None)
     second, _ = st.train(config, log=lambda line: None)
     plain, _ = st.train(dataclasses.replace(config, readout_weight=0.0), log=lambda line: None)
+    unclipped, _ = st.train(dataclasses.replace(config, grad_clip_norm=0.0), log=lambda line: None)
     assert summary["config"]["readout_weight"] == 1.0 and torch.isfinite(torch.tensor(summary["final_loss"]))
-    a, b, c = (m.model.state_dict() for m in (first, second, plain))
+    a, b, c, d = (m.model.state_dict() for m in (first, second, plain, unclipped))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert not all(torch.equal(a[k], d[k]) for k in a)  # at the start the gradient norm is ≫ 1
 
 
 @pytest.mark.parametrize("changes, message", [
     ({"readout_weight": -1.0}, "readout_weight must be a number in [0, 10], got -1.0"),
     ({"readout_layers": -1}, "readout_layers must be an integer ≥ 0, got -1"),
+    ({"grad_clip_norm": -1.0}, "grad_clip_norm must be a number ≥ 0 (0: off), got -1.0"),
 ])
 def test_bad_readout_options_are_named(changes, message):
     with pytest.raises(ConfigError) as err:
