@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from clipscope.pipelines.webdata import write_shard
+from clipscope.pipelines.data.webdataset_input import write_shard
 
 
 def photo_like_jpeg(rng: np.random.Generator, size: int = 224) -> bytes:

@@ -20,7 +20,7 @@ import time
 import torch
 
 from clipscope.kernels.decompose import DecomposeRequest, decompose, folding
-from clipscope.pipelines.models import load_model
+from clipscope.pipelines.models.loading import load_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

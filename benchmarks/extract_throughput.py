@@ -25,16 +25,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from clipscope.kernels.decompose import decompose  # noqa: E402
-from clipscope.pipelines.extract import (  # noqa: E402
+from clipscope.pipelines.jobs.extract.job import (  # noqa: E402
     ShardExtractor,
     build_request,
     open_or_create_store,
     plan_run,
 )
-from clipscope.pipelines.extract_config import ExtractConfig  # noqa: E402
-from clipscope.pipelines.models import load_model  # noqa: E402
+from clipscope.pipelines.jobs.extract.settings import ExtractConfig  # noqa: E402
+from clipscope.pipelines.models.loading import load_model  # noqa: E402
 from bench_data import even_counts, make_dataset  # noqa: E402  (sibling module of this script)
-from clipscope.pipelines.webdata import decode_or_error, iter_shard_samples  # noqa: E402
+from clipscope.pipelines.data.webdataset_input import decode_or_error, iter_shard_samples  # noqa: E402
 
 
 def decode_and_preprocess(paths: list[str], preprocess) -> list[torch.Tensor]:

@@ -31,9 +31,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import torch  # noqa: E402
 
 from clipscope.cluster.runtime import ray_runtime  # noqa: E402
-from clipscope.pipelines.extract import ShardExtractor, ShardTask, run_extract  # noqa: E402
-from clipscope.pipelines.extract_config import ExtractConfig  # noqa: E402
-from clipscope.pipelines.reductions import dataset_means, head_statistics, row_blocks  # noqa: E402
+from clipscope.pipelines.jobs.extract.job import ShardExtractor, ShardTask, run_extract  # noqa: E402
+from clipscope.pipelines.jobs.extract.settings import ExtractConfig  # noqa: E402
+from clipscope.pipelines.jobs.means.job import dataset_means, head_statistics, row_blocks  # noqa: E402
 from bench_data import make_dataset  # noqa: E402  (sibling module of this script)
 from clipscope.storage.store import RunStore  # noqa: E402
 

@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 from zarr.storage import LocalStore  # noqa: E402
 
-from clipscope.pipelines.extract import array_specs  # noqa: E402
-from clipscope.pipelines.extract_config import ExtractConfig  # noqa: E402
-from clipscope.pipelines.models import load_model  # noqa: E402
+from clipscope.pipelines.jobs.extract.job import array_specs  # noqa: E402
+from clipscope.pipelines.jobs.extract.settings import ExtractConfig  # noqa: E402
+from clipscope.pipelines.models.loading import load_model  # noqa: E402
 from clipscope.storage.store import RunStore  # noqa: E402
 
 

@@ -16,7 +16,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @functools.lru_cache(maxsize=None)
 def _cached_model(name: str, seed: int = 0):
-    from clipscope.pipelines.models import load_model
+    from clipscope.pipelines.models.loading import load_model
 
     return load_model(name, "none", seed=seed)
 

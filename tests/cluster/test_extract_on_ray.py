@@ -26,9 +26,9 @@ from PIL import Image
 from clipscope.cluster.runtime import cluster_nodes, ray_runtime
 from clipscope.errors import ConfigError, DataError
 from clipscope.pipelines.cli import main as cli_main
-from clipscope.pipelines.extract import ShardExtractor, ShardTask, run_extract
-from clipscope.pipelines.extract_config import ExtractConfig
-from clipscope.pipelines.webdata import write_shard
+from clipscope.pipelines.jobs.extract.job import ShardExtractor, ShardTask, run_extract
+from clipscope.pipelines.jobs.extract.settings import ExtractConfig
+from clipscope.pipelines.data.webdataset_input import write_shard
 from clipscope.storage.status import store_status
 from clipscope.storage.store import RunStore
 

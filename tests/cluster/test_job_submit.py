@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from clipscope.pipelines.extract import run_extract
+from clipscope.pipelines.jobs.extract.job import run_extract
 
 from test_extract_on_ray import MODEL, ROWS_PER_CHUNK, assert_same_store, make_config, write_shards
 

@@ -15,7 +15,7 @@ from extract_helpers import TinyDataset, extract_args, run_cli, write_tiny_shard
 @pytest.fixture(scope="session")
 def cached_load_model(model_cache):
     """`load_model` with the same signature that serves random-init models from the session cache."""
-    from clipscope.pipelines.models import load_model
+    from clipscope.pipelines.models.loading import load_model
 
     def load(name, pretrained="none", *, device="cpu", seed=0):
         if pretrained in ("none", "", None) and str(device) == "cpu":
@@ -28,11 +28,12 @@ def cached_load_model(model_cache):
 @pytest.fixture(scope="session")
 def fast_models(cached_load_model):
     """Patch the pipeline's model loading with the session cache (a model load costs seconds)."""
-    from clipscope.pipelines import extract, queries
+    from clipscope.pipelines.jobs.extract import job as extract
+    from clipscope.pipelines.models import loading
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(extract, "load_model", cached_load_model)
-        patch.setattr(queries, "load_model", cached_load_model)
+        patch.setattr(loading, "load_model", cached_load_model)
         yield cached_load_model
 
 

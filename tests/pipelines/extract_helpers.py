@@ -44,7 +44,7 @@ class TinyDataset:
 def write_tiny_shards(folder, counts, *, seed: int = 0, corrupt: tuple[tuple[int, int], ...] = ()) -> TinyDataset:
     """`len(counts)` shards shard-000.tar…; sample i of shard s has key s{s}-{i:03d}, a PNG or JPEG
     image, a class label and a caption. `corrupt` lists (shard, sample) whose image bytes are garbage."""
-    from clipscope.pipelines.webdata import write_shard
+    from clipscope.pipelines.data.webdataset_input import write_shard
 
     folder = str(folder)
     os.makedirs(folder, exist_ok=True)

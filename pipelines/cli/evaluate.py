@@ -1,0 +1,66 @@
+"""`clipscope evaluate STORE`: zero-shot accuracy under mean-ablation of direct effects, from the store."""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("store", help="run store path or URL (written: means and results go under reductions/)")
+    parser.add_argument("--task", default=None,
+                        help="zero-shot task (shapes, shapes-colour, shapes-shape, imagenet, imagenet-simple; "
+                             "default: shapes for the shapes-world model, else imagenet)")
+    parser.add_argument("--heads", action="append", default=[], metavar="L3H1,...",
+                        help="also ablate this set of heads together (L<layer>H<head> or <layer>:<head>, "
+                             "comma-separated); repeat for more sets")
+    parser.add_argument("--keep-last", type=int, nargs="+", default=[], metavar="K",
+                        help="also ablate the MLPs and every head except those of the last K stored layers")
+    parser.add_argument("--no-cls-token", action="store_true",
+                        help="leave out the class-token ablations (for stores extracted without direct/cls_token)")
+    parser.add_argument("--csv", default=None, help="also write the table to this CSV")
+    parser.add_argument("--png", default=None, help="also plot accuracy against cumulative layer ablation here")
+    parser.add_argument("--workers", type=int, default=None, help="run on an embedded Ray with this many CPUs")
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    import os
+
+    from clipscope.errors import ConfigError
+
+    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ConfigError(f"{flag} {path}: its folder does not exist")
+
+
+def run(args) -> int:
+    import contextlib
+
+    import pyarrow.csv as pacsv
+
+    from clipscope.errors import ConfigError
+    from clipscope.pipelines.jobs.evaluate.job import evaluate_ablations, format_evaluation, plot_evaluation
+    from clipscope.pipelines.texts.zero_shot import default_task, get_task
+    from clipscope.storage.store import RunStore
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be an integer ≥ 1, got {args.workers}")
+    _check_output(args.csv, "--csv")
+    _check_output(args.png, "--png")
+    store = RunStore.open(args.store, "r+")
+    task = get_task(args.task or default_task(store))
+    runtime = contextlib.nullcontext()
+    if args.workers:
+        from clipscope.cluster.runtime import ray_runtime
+
+        runtime = ray_runtime(num_cpus=args.workers)
+    with runtime:
+        table = evaluate_ablations(store, task, heads=args.heads, keep_last=args.keep_last,
+                                   include_cls=not args.no_cls_token, use_ray=bool(args.workers))
+    n = table.column("n")[0].as_py()
+    print(f"zero-shot task {task.name}: {n} labelled images, {len(task.classnames)} classes "
+          f"(chance {1 / len(task.classnames):.4f})")
+    print(format_evaluation(table))
+    if args.csv:
+        pacsv.write_csv(table, args.csv)
+        print(f"wrote {table.num_rows} rows to {args.csv}")
+    if args.png:
+        plot_evaluation(table, args.png, title=f"{task.name}: accumulated mean-ablation of heads")
+        print(f"wrote {args.png}")
+    return 0

@@ -1,0 +1,88 @@
+"""`clipscope extract DATA... --model NAME --pretrained TAG|PATH|none --out STORE`."""
+
+from __future__ import annotations
+
+import argparse
+
+from clipscope.errors import ConfigError
+
+
+def layer_list(text: str) -> tuple[int, ...] | None:
+    """'9 10 11', '9,10,11', 'all' (None) or 'none' (empty)."""
+    text = text.strip().lower()
+    if text == "all":
+        return None
+    if text in ("", "none"):
+        return ()
+    try:
+        return tuple(int(part) for part in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers like '9 10 11', 'all' or 'none', got {text!r}")
+
+
+def _layers(values) -> tuple[int, ...] | None:
+    if values is None:
+        return ()
+    out: list[int] = []
+    for v in values:
+        if v is None:
+            return None
+        out.extend(v)
+    return tuple(out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", nargs="+", metavar="DATA",
+                        help="webdataset shards: paths, brace patterns (shards/{000..009}.tar), dirs, globs or URLs")
+    parser.add_argument("--out", required=True, help="the run store: a path or fsspec URL (s3://, gs://, file://)")
+    parser.add_argument("--model", default="clipscope-tiny", help="open_clip model name (see `clipscope models`)")
+    parser.add_argument("--pretrained", default="none", help="pretrained tag, checkpoint path, or none (random init)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a random init (--pretrained none)")
+    parser.add_argument("--heads-layers", type=layer_list, nargs="+", default=[None], metavar="L",
+                        help="layers whose heads/MLPs are stored (default all)")
+    parser.add_argument("--second-order-layers", type=layer_list, nargs="+", metavar="L", help="neuron layers")
+    parser.add_argument("--token-layers", type=layer_list, nargs="+", metavar="L",
+                        help="layers whose per-token head terms are stored")
+    parser.add_argument("--activation-layers", type=layer_list, nargs="+", metavar="L",
+                        help="layers whose post-activation MLP maps are stored (Rosetta, segmentation)")
+    # Validated by ExtractConfig (one-line error), not argparse choices (a usage dump).
+    parser.add_argument("--ln-convention", default="split", help="ln_post convention: split or center")
+    parser.add_argument("--dtype", default="float32", help="storage dtype: float16 or float32")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rows-per-chunk", type=int, default=256, help="zarr chunk rows along `sample`")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="CPU Ray actors (>1 runs on Ray; default: in-process, or one per CPU/GPU on a cluster)")
+    parser.add_argument("--address", default=None,
+                        help="join a Ray cluster (auto, ray://host:10001); default: $RAY_ADDRESS or local")
+    parser.add_argument("--retry-failed", action="store_true", help="retry shards recorded as failed")
+    parser.add_argument("--allow-local-store", action="store_true",
+                        help="allow a local path on a multi-node cluster (it is on a shared mount)")
+    parser.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto")
+
+
+def config_from_args(args):
+    from clipscope.pipelines.jobs.extract.settings import ExtractConfig
+
+    return ExtractConfig(
+        data=tuple(args.data), out=args.out, model=args.model, pretrained=args.pretrained, seed=args.seed,
+        heads_layers=_layers(args.heads_layers), second_order_layers=_layers(args.second_order_layers) or (),
+        token_layers=_layers(args.token_layers) or (), activation_layers=_layers(args.activation_layers) or (),
+        ln_convention=args.ln_convention, dtype=args.dtype, batch_size=args.batch_size,
+        rows_per_chunk=args.rows_per_chunk, device=args.device, workers=args.workers, address=args.address,
+        retry_failed=args.retry_failed, allow_local_store=args.allow_local_store,
+    )
+
+
+def run(args) -> int:
+    from clipscope.pipelines.jobs.extract.job import run_extract
+
+    config = config_from_args(args)
+    if config.heads_layers == ():
+        raise ConfigError("--heads-layers none would store no direct effects; name layers or use all")
+    summary = run_extract(config, progress_display=args.progress)
+    print(f"store {summary.store}: {summary.done} shards extracted, {summary.skipped} already done, "
+          f"{len(summary.failed)} failed, {summary.images} images in {summary.seconds:.1f}s")
+    for index, error in summary.failed:
+        print(f"  failed shard {index}: {error}")
+    return 0 if summary.ok else 1

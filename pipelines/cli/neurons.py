@@ -1,0 +1,116 @@
+"""`clipscope neurons STORE --layer L`: describe every neuron of a layer by a sparse set of texts (OMP of its
+second-order PC) and measure the zero-shot accuracy of the text reconstruction (second-order paper §4)."""
+
+from __future__ import annotations
+
+TOP_NEURONS_DEFAULT = 10
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("store", help="run store path or URL (written: results go under reductions/omp)")
+    parser.add_argument("--layer", type=int, required=True, help="neuron layer (its PCs come from `clipscope second-order`)")
+    parser.add_argument("--pool", default="shapes-all",
+                        help="text pool name (see clipscope.pipelines.texts.pools.list_pools) or file:PATH")
+    parser.add_argument("--m", type=int, default=8,
+                        help="texts per neuron shown (solved too; OMP always solves m = 4, 8, …, 128 capped by the pool)")
+    parser.add_argument("--top", type=int, default=5, help="texts shown per neuron (by |coefficient|)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--neurons", default=None, help="comma-separated neuron indices to show, e.g. 0,5,9")
+    which.add_argument("--top-neurons", type=int, default=None,
+                       help=f"show the neurons with the largest mean second-order norm (default {TOP_NEURONS_DEFAULT} "
+                            f"when norm_mean is stored, else the first {TOP_NEURONS_DEFAULT})")
+    parser.add_argument("--reference-preprocessing", action="store_true",
+                        help="the reference code's dictionary: texts centred and scaled per dimension")
+    parser.add_argument("--task", default=None,
+                        help="zero-shot task of the reconstruction accuracy (default: shapes for the shapes model, "
+                             "else imagenet)")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the reconstruction accuracy")
+    parser.add_argument("--parquet", default=None, help="also write the shown neurons' texts to this Parquet file")
+    parser.add_argument("--json", default=None, help="also write the shown neurons' texts to this JSON file")
+    parser.add_argument("--workers", type=int, default=None, help="run on an embedded Ray with this many CPUs")
+
+
+def _positive(name: str, value) -> int:
+    from clipscope.errors import ConfigError
+
+    if value is not None and value < 1:
+        raise ConfigError(f"{name} must be an integer ≥ 1, got {value}")
+    return value
+
+
+def _shown_neurons(args, store, n_neurons: int) -> list[int]:
+    import numpy as np
+
+    from clipscope.errors import ConfigError, StoreError
+    from clipscope.pipelines.jobs.neurons.job import optional_second_order, second_order_command
+
+    if args.neurons is not None:
+        try:
+            chosen = [int(v) for v in args.neurons.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--neurons must be comma-separated integers, got {args.neurons!r}") from None
+        if not chosen:
+            raise ConfigError("--neurons must name at least one neuron")
+        bad = [n for n in chosen if not 0 <= n < n_neurons]
+        if bad:
+            raise ConfigError(f"--neurons must lie in 0..{n_neurons - 1}, got {bad[0]}")
+        return chosen
+    norms = optional_second_order(store, args.layer, "norm_mean")
+    if norms is None:
+        if args.top_neurons is not None:
+            raise StoreError(f"--top-neurons ranks by reductions/second_order/layer_{args.layer}/norm_mean, which "
+                             f"{store.url} lacks; run `{second_order_command(store, args.layer)}`")
+        return list(range(min(TOP_NEURONS_DEFAULT, n_neurons)))
+    count = args.top_neurons or TOP_NEURONS_DEFAULT
+    return [int(n) for n in np.argsort(-np.asarray(norms, np.float64), kind="stable")[:count]]
+
+
+def run(args) -> int:
+    import contextlib
+    import json
+
+    import pyarrow.parquet as pq
+
+    from clipscope.errors import ConfigError
+    from clipscope.pipelines.jobs.neurons.job import (DEFAULT_M, format_accuracy, format_neurons, neuron_table,
+                                             read_pcs, reconstruction_accuracy, run_omp)
+    from clipscope.pipelines.texts.pools import get_pool
+    from clipscope.pipelines.texts.zero_shot import get_task
+    from clipscope.storage.store import RunStore
+
+    _positive("--top", args.top)
+    _positive("--top-neurons", args.top_neurons)
+    _positive("--workers", args.workers)
+    pool = get_pool(args.pool)
+    if not 1 <= args.m <= len(pool.texts):
+        raise ConfigError(f"--m must be in 1..{len(pool.texts)} (the pool {pool.name!r} has {len(pool.texts)} texts), "
+                          f"got {args.m}")
+    if args.task is not None and not args.no_accuracy:
+        get_task(args.task)  # an unknown task fails before any work
+    store = RunStore.open(args.store, "r+")
+    n_neurons = read_pcs(store, args.layer).shape[0]
+    shown = _shown_neurons(args, store, n_neurons)
+    runtime = contextlib.nullcontext()
+    if args.workers:
+        from clipscope.cluster.runtime import ray_runtime
+
+        runtime = ray_runtime(num_cpus=args.workers)
+    with runtime:
+        result = run_omp(store, args.layer, pool, m=DEFAULT_M + (args.m,),
+                         reference_preprocessing=args.reference_preprocessing, use_ray=bool(args.workers))
+        accuracy = None if args.no_accuracy else reconstruction_accuracy(store, args.layer, task=args.task,
+                                                                         use_ray=bool(args.workers))
+    table = neuron_table(store, args.layer, pool, m=args.m, top=args.top, neurons=shown)
+    print(f"layer {args.layer}: {n_neurons} neurons, pool {pool.name} ({len(pool.texts)} texts), "
+          f"m = {', '.join(map(str, result.m))}, dictionary {result.attrs['preprocessing']}")
+    print(format_neurons(table, shown, args.m))
+    if accuracy is not None:
+        print(format_accuracy(accuracy))
+    if args.parquet:
+        pq.write_table(table, args.parquet)
+        print(f"wrote {table.num_rows} rows to {args.parquet}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(table.to_pylist(), fh, ensure_ascii=False, indent=1)
+        print(f"wrote {table.num_rows} rows to {args.json}")
+    return 0

@@ -1,0 +1,298 @@
+"""Mean-ablation of direct effects, evaluated zero-shot from the store alone (thesis §2.3, App. A).
+
+Mean-ablating a set S of components turns an image's embedding into emb − Σ_{c∈S}(c − c̄), with c̄
+the component's mean over the store's valid rows (`reductions/means/…`, computed once when missing).
+Every term is already folded through ln_post with the image's own μ, σ (DESIGN §3), so no forward
+pass is needed: the result equals ablating the same components at the output of the live model.
+
+Ablations (names are the `ablation` column and the store's `ablations` attribute):
+  baseline            nothing ablated
+  mlps                every stored layer's MLP (thesis Table 2.1)
+  cls_token           the class token attended from itself, Σ_h c_{0,l,h} of every stored layer (Table A.1)
+  mlps+cls_token      both (Table A.1, last column)
+  heads_to_L{l}       every head of the stored layers ≤ l, one per stored layer (Figure 2.2's curve)
+  heads:L{l}H{h},…    a named set of heads
+  keep_last_{k}       the MLPs and every head except those of the last k stored layers
+With `--heads-layers` a subset, "stored layers" are that subset (the group attribute `layers.heads`).
+
+Rows are streamed in row blocks (picklable map function, fixed-tree reduce over integer counts, so a
+Ray run counts exactly what a local run counts). Results: `reductions/evaluation/<task>/accuracy`
+and `…/correct` [ablation] with the ablation names in the attributes, and a pyarrow table.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from clipscope.errors import ConfigError, StoreError
+from clipscope.kernels.ablation import ablation_delta, correct_counts, masked_head_delta, zero_shot_logits
+from clipscope.pipelines.models.loading import LoadedModel
+from clipscope.pipelines.jobs.means.job import _map_reduce, current_means, row_blocks, stale_means
+from clipscope.pipelines.texts.zero_shot import ZeroShotTask, classifier, get_task, store_classes
+from clipscope.storage.store import RunStore
+
+RESULT_PREFIX = "reductions/evaluation"
+CLS_ARRAY = "direct/cls_token"
+# Rows converted to float64 at a time inside a block: bounds memory for wide models (ViT-L: ~150 MB).
+_ROWS_AT_ONCE = 64
+
+_HEAD_ITEM = re.compile(r"^(?:L(\d+)H(\d+)|(\d+):(\d+))$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """A set of mean-ablated components. `heads` are (layer, head) with 0-based stored layers."""
+
+    name: str
+    kind: str
+    mlps: bool = False
+    cls_token: bool = False
+    heads: tuple[tuple[int, int], ...] = ()
+    layer: int | None = None  # the last ablated layer of a cumulative ablation
+
+    def __post_init__(self) -> None:
+        if self.cls_token and self.heads:
+            # the class-token term is part of its layer's head terms: ablating both counts it twice
+            raise ConfigError(f"ablation {self.name!r} cannot combine the class-token term with head terms")
+
+
+def stored_head_layers(store: RunStore) -> list[int]:
+    layers = list(store.attrs.get("layers", {}).get("heads", []))
+    if not layers or "direct/heads" not in store.array_names():
+        raise StoreError(f"{store.url} holds no direct effects of heads; extract it with --heads-layers")
+    return layers
+
+
+def parse_heads(spec: str, layers: Sequence[int], n_heads: int) -> tuple[tuple[int, int], ...]:
+    """'L10H3,L11H0' or '10:3,11:0' → ((10, 3), (11, 0)), checked against the stored layers and heads."""
+    items = [item.strip() for item in spec.split(",")] if isinstance(spec, str) else []
+    if not items or not all(items):
+        raise ConfigError(f"--heads must be a comma-separated list like L10H3,L11H0 or 10:3,11:0, got {spec!r}")
+    heads: list[tuple[int, int]] = []
+    for item in items:
+        match = _HEAD_ITEM.match(item)
+        if match is None:
+            raise ConfigError(f"--heads item {item!r} is not of the form L<layer>H<head> or <layer>:<head>")
+        layer, head = (int(g) for g in (match.groups()[:2] if match.group(1) else match.groups()[2:]))
+        if layer not in layers:
+            raise ConfigError(f"--heads {item}: layer {layer} has no stored head terms; stored layers: {list(layers)}")
+        if not 0 <= head < n_heads:
+            raise ConfigError(f"--heads {item}: head must be in 0..{n_heads - 1}, got {head}")
+        if (layer, head) in heads:
+            raise ConfigError(f"--heads names L{layer}H{head} twice")
+        heads.append((layer, head))
+    return tuple(heads)
+
+
+def head_set_name(heads: Sequence[tuple[int, int]]) -> str:
+    return "heads:" + ",".join(f"L{l}H{h}" for l, h in heads)
+
+
+def build_ablations(layers: Sequence[int], n_heads: int, *, heads: Sequence[str] = (),
+                    keep_last: Sequence[int] = (), include_cls: bool = True) -> list[Ablation]:
+    """The ablations of the module docstring, in table order."""
+    if isinstance(heads, str):
+        heads = (heads,)
+    out = [Ablation("baseline", "baseline"), Ablation("mlps", "mlps", mlps=True)]
+    if include_cls:
+        out += [Ablation("cls_token", "cls_token", cls_token=True),
+                Ablation("mlps+cls_token", "mlps+cls_token", mlps=True, cls_token=True)]
+    for layer in layers:
+        upto = tuple((l, h) for l in layers if l <= layer for h in range(n_heads))
+        out.append(Ablation(f"heads_to_L{layer}", "cumulative", heads=upto, layer=layer))
+    for spec in heads:
+        chosen = parse_heads(spec, layers, n_heads)
+        out.append(Ablation(head_set_name(chosen), "heads", heads=chosen))
+    for k in keep_last:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(layers):
+            raise ConfigError(f"--keep-last must be an integer in 1..{len(layers)} (the stored layers), got {k!r}")
+        early = tuple((l, h) for l in layers[:len(layers) - k] for h in range(n_heads))
+        out.append(Ablation(f"keep_last_{k}", "keep_last", mlps=True, heads=early))
+    names = [a.name for a in out]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"ablation {repeated[0]!r} is asked for twice")
+    return out
+
+
+def needed_arrays(ablations: Sequence[Ablation]) -> list[str]:
+    names = []
+    if any(a.heads for a in ablations):
+        names.append("direct/heads")
+    if any(a.mlps for a in ablations):
+        names.append("direct/mlps")
+    if any(a.cls_token for a in ablations):
+        names.append(CLS_ARRAY)
+    return names
+
+
+def ablation_means(store: RunStore, names: Sequence[str], *, use_ray: bool = False) -> dict[str, np.ndarray]:
+    """Dataset means of `names` over the valid rows; computed (and stored) when missing or stale."""
+    missing = [n for n in names if n not in store.array_names()]
+    if CLS_ARRAY in missing:
+        raise StoreError(f"{store.url} has no {CLS_ARRAY} (extracted before clipscope stored it); re-extract the "
+                         "store to evaluate the class-token ablation, or leave it out (--no-cls-token)")
+    if missing:
+        raise StoreError(f"{store.url} has no {missing[0]}; re-extract it with direct effects")
+    stale = stale_means(store, names)
+    if stale and store.mode != "r+":
+        raise StoreError(f"{store.url} has no up-to-date dataset mean of {stale[0]} and is opened read-only; "
+                         "open it writable (mode 'r+') so the means can be computed and stored")
+    return current_means(store, names, use_ray=use_ray)
+
+
+def _head_masks(ablations: Sequence[Ablation], layers: Sequence[int], n_heads: int) -> np.ndarray:
+    masks = np.zeros((len(ablations), len(layers), n_heads), bool)
+    position = {layer: i for i, layer in enumerate(layers)}
+    for a, ablation in enumerate(ablations):
+        for layer, head in ablation.heads:
+            masks[a, position[layer], head] = True
+    return masks
+
+
+def iter_ablated_embeddings(store: RunStore, ablations: Sequence[Ablation], means: dict[str, np.ndarray],
+                            rows: slice) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Over the valid rows of `rows`, a few at a time: (row numbers [sample], float64 mean-ablated
+    embeddings [ablation sample embed])."""
+    valid = store.read_valid(rows)
+    row_numbers = np.arange(rows.start, rows.stop)[valid]
+    layers = stored_head_layers(store)
+    masks = torch.from_numpy(_head_masks(ablations, layers, store.array("direct/heads").shape[2]))
+    uses_heads = masks.flatten(1).any(1).tolist()
+    arrays = {name: store.read(name, rows)[valid] for name in ["image_embedding", *needed_arrays(ablations)]}
+    mean = {name: torch.from_numpy(value) for name, value in means.items()}
+    for start in range(0, len(row_numbers), _ROWS_AT_ONCE):
+        part = {n: torch.from_numpy(v[start:start + _ROWS_AT_ONCE].astype(np.float64)) for n, v in arrays.items()}
+        emb = part["image_embedding"]
+        mlp = ablation_delta(part["direct/mlps"], mean["direct/mlps"]) if "direct/mlps" in part else None
+        cls = ablation_delta(part[CLS_ARRAY], mean[CLS_ARRAY]) if CLS_ARRAY in part else None
+        heads = part["direct/heads"] - mean["direct/heads"] if "direct/heads" in part else None
+        out = []
+        for ablation, mask, with_heads in zip(ablations, masks, uses_heads):
+            delta = torch.zeros_like(emb)
+            if ablation.mlps:
+                delta = delta + mlp
+            if ablation.cls_token:
+                delta = delta + cls
+            if with_heads:
+                delta = delta + masked_head_delta(heads, mask)
+            out.append(emb - delta)
+        yield row_numbers[start:start + _ROWS_AT_ONCE], torch.stack(out)
+
+
+@dataclass(frozen=True)
+class _EvaluateBlock:
+    """Picklable map function: correct predictions per ablation over one block's labelled rows."""
+
+    store: RunStore
+    ablations: tuple[Ablation, ...]
+    means: dict[str, np.ndarray]
+    weights: np.ndarray  # [embed class]
+    classes: np.ndarray  # [sample] class index, −1 unlabelled or invalid
+
+    def __call__(self, rows: slice) -> dict[str, Any]:
+        weights = torch.from_numpy(self.weights.astype(np.float64))
+        correct, n = np.zeros(len(self.ablations), np.int64), 0
+        for row_numbers, embeddings in iter_ablated_embeddings(self.store, self.ablations, self.means, rows):
+            classes = torch.from_numpy(self.classes[row_numbers])
+            correct += correct_counts(zero_shot_logits(embeddings, weights), classes).numpy()
+            n += int((classes >= 0).sum())
+        return {"correct": correct, "n": n}
+
+
+def _add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {"correct": a["correct"] + b["correct"], "n": a["n"] + b["n"]}
+
+
+def evaluate_ablations(store: RunStore, task: str | ZeroShotTask, *, heads: Sequence[str] = (),
+                       keep_last: Sequence[int] = (), include_cls: bool = True, use_ray: bool = False,
+                       loaded: LoadedModel | None = None) -> pa.Table:
+    """Zero-shot accuracy of `task` under every ablation; written into the store when it is writable.
+
+    `heads` are named head sets ("L10H3,L11H0" or "10:3,11:0"), `keep_last` values k for the
+    keep-only-the-last-k-layers'-heads ablations; `loaded` is the store's model (for the text side),
+    loaded from the store's identity when not given.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    layers = stored_head_layers(store)
+    n_heads = store.array("direct/heads").shape[2]
+    ablations = build_ablations(layers, n_heads, heads=heads, keep_last=keep_last, include_cls=include_cls)
+    classes = store_classes(store, task)
+    if not (classes >= 0).any():
+        raise ConfigError(f"{store.url} has no valid sample with a label for zero-shot task {task.name!r}; "
+                          "its samples.parquet needs the `label` (cls) of each sample")
+    means = ablation_means(store, needed_arrays(ablations), use_ray=use_ray)
+    weights = classifier(store, task, loaded)
+    counts = _map_reduce(row_blocks(store), _EvaluateBlock(store, tuple(ablations), means, weights, classes),
+                         _add_counts, use_ray)
+    accuracy = counts["correct"] / counts["n"]
+    table = pa.table({
+        "ablation": [a.name for a in ablations],
+        "kind": [a.kind for a in ablations],
+        "layer": pa.array([a.layer for a in ablations], pa.int64()),
+        "accuracy": accuracy,
+        "correct": counts["correct"],
+        "n": pa.array([counts["n"]] * len(ablations), pa.int64()),
+    })
+    if store.mode == "r+":
+        write_evaluation(store, task, ablations, accuracy, counts["correct"], counts["n"], layers)
+    return table
+
+
+def write_evaluation(store: RunStore, task: ZeroShotTask, ablations: Sequence[Ablation], accuracy: np.ndarray,
+                     correct: np.ndarray, n: int, layers: Sequence[int]) -> None:
+    group = f"{RESULT_PREFIX}/{task.name}"
+    attrs = {"task": task.name, "ablations": [a.name for a in ablations], "kinds": [a.kind for a in ablations],
+             "n": int(n), "n_classes": len(task.classnames), "heads_layers": list(layers)}
+    store.delete_results(group)  # another run may have had other head sets
+    store.write_result(f"{group}/accuracy", np.asarray(accuracy, np.float64), ("ablation",), attrs)
+    store.write_result(f"{group}/correct", np.asarray(correct, np.int64), ("ablation",), attrs)
+
+
+def format_evaluation(table: pa.Table) -> str:
+    data = table.to_pydict()
+    base = data["accuracy"][0]
+    width = max(len(name) for name in data["ablation"])
+    lines = [f"{'ablation':<{width}}  accuracy  change      n"]
+    for name, acc, n in zip(data["ablation"], data["accuracy"], data["n"]):
+        lines.append(f"{name:<{width}}  {acc:8.4f}  {acc - base:+7.4f}  {n:5d}")
+    return "\n".join(lines)
+
+
+def plot_evaluation(table: pa.Table, path: str | Path, *, title: str = "") -> None:
+    """Accuracy against the last mean-ablated layer of the cumulative head ablations, with the
+    baseline, MLP and class-token ablations as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = table.to_pydict()
+    rows = list(zip(data["ablation"], data["kind"], data["layer"], data["accuracy"]))
+    curve = [(layer, acc) for _, kind, layer, acc in rows if kind == "cumulative"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", color="tab:blue",
+            label="heads of layers ≤ l mean-ablated")
+    styles = {"baseline": ("black", "-"), "mlps": ("tab:orange", "--"), "cls_token": ("tab:green", "--"),
+              "mlps+cls_token": ("tab:red", ":")}
+    for name, kind, _, acc in rows:
+        if kind in styles:
+            colour, line = styles[kind]
+            ax.axhline(acc, color=colour, linestyle=line, label=f"{name} ({acc:.3f})")
+    ax.set_xlabel("last mean-ablated layer l")
+    ax.set_ylabel("zero-shot accuracy")
+    ax.set_ylim(0, 1)
+    if curve:
+        ax.set_xticks([c[0] for c in curve])
+    ax.set_title(title or "accumulated mean-ablation of heads")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,373 @@
+"""Sparse text decomposition of every neuron's second-order PC (second-order paper §4).
+
+`run_omp` approximates the unit PC r_n of every neuron of a layer (`reductions/second_order/
+layer_{l}/pc`, written by the second-order job) by m atoms of a text dictionary with orthogonal
+matching pursuit, no intercept (sklearn `orthogonal_mp_gram` semantics), for several m from one
+greedy run at the largest m (`kernels.omp.omp_path`). The dictionary is the pool's unit text
+embeddings (cached in the store), or with `reference_preprocessing` the reference code's
+dictionary (`kernels.omp.reference_dictionary`); the preprocessing changes the atoms only: the
+target stays r_n and the reconstruction r̂_n = Σ γ_j X_j is a vector of the same space (the
+reference reconstructs exactly so). Neurons are solved in blocks, spread as Ray tasks when asked.
+
+`reconstruction_accuracy` is the paper's Fig. 4: zero-shot accuracy when all neurons of the layer
+are replaced at once by their reconstruction (see its docstring for the exact definition).
+
+Results, under `reductions/omp/layer_{l}/`:
+  m[m]                      the sparsities (each ≤ the pool size)
+  support[neuron, pick]     text indices in OMP pick order for the largest m (−1: stopped early)
+  coefs[m, neuron, pick]    coefficient of support[neuron, pick] in the m-atom solution (0 past m)
+  residual_norm[neuron, m]  ‖r_n − r̂_n‖ of the m-atom solution
+  accuracy[m]               zero-shot accuracy with r̂ from m atoms (attrs: PC1-only and baseline)
+attrs: pool, pool_hash, n_texts, texts_key (the cached embeddings), m, preprocessing, pc_sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from clipscope.errors import ConfigError, StoreError
+from clipscope.kernels.omp import omp_path, reference_dictionary
+from clipscope.pipelines.models.loading import LoadedModel
+from clipscope.pipelines.jobs.means.job import _map_reduce, current_means, row_blocks
+from clipscope.pipelines.texts.pools import TextPool
+from clipscope.pipelines.texts.embedding_cache import cached_text_embeddings, embeddings_key
+from clipscope.storage.layout import row_slices
+from clipscope.storage.store import RunStore
+
+RESULT_PREFIX = "reductions/omp"
+SECOND_ORDER_PREFIX = "reductions/second_order"
+DEFAULT_M = (4, 8, 16, 32, 64, 128)
+NEURONS_PER_TASK = 512
+NEURONS_PER_BLOCK = 128  # bounds the [block, m, m] and [block, m, embed] gathers
+
+
+def second_order_command(store: RunStore, layer: int) -> str:
+    return f"clipscope second-order {store.url} --layer {layer}"
+
+
+def read_pcs(store: RunStore, layer: int) -> np.ndarray:
+    """The unit PC per neuron [neuron embed] the second-order job stored for `layer`."""
+    name = f"{SECOND_ORDER_PREFIX}/layer_{layer}/pc"
+    if name not in store.array_names():
+        raise StoreError(f"{store.url} has no {name}; run `{second_order_command(store, layer)}` first")
+    pcs = store.read_result(name).astype(np.float64)
+    if pcs.ndim != 2 or not np.isfinite(pcs).all():
+        raise StoreError(f"{name} must be a finite [neuron, embed] array, got shape {pcs.shape}")
+    return pcs
+
+
+def optional_second_order(store: RunStore, layer: int, name: str) -> np.ndarray | None:
+    """`reductions/second_order/layer_{l}/<name>` if the second-order job stored it."""
+    full = f"{SECOND_ORDER_PREFIX}/layer_{layer}/{name}"
+    return store.read_result(full) if full in store.array_names() else None
+
+
+def pcs_digest(pcs: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pcs, np.float64).tobytes()).hexdigest()[:16]
+
+
+def m_values(m: int | Sequence[int], pool_size: int) -> tuple[int, ...]:
+    """The sparsities to solve: each requested m capped by the pool size, sorted, without repeats."""
+    values = [m] if isinstance(m, int) else list(m)
+    if not values:
+        raise ConfigError("--m must name at least one sparsity")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--m must be integers ≥ 1, got {value!r}")
+    return tuple(sorted({min(value, pool_size) for value in values}))
+
+
+def text_dictionary(embeddings: np.ndarray, reference_preprocessing: bool) -> np.ndarray:
+    """The atoms [text embed] in float64: the unit text embeddings, or the reference dictionary."""
+    atoms = torch.from_numpy(np.asarray(embeddings, np.float64))
+    return (reference_dictionary(atoms) if reference_preprocessing else atoms).numpy()
+
+
+@dataclass(frozen=True)
+class _OMPTask:
+    """Picklable: OMP path of a range of neurons (one Ray task), solved in fixed-size blocks."""
+
+    atoms: np.ndarray  # [text embed] float64
+    pcs: np.ndarray  # [neuron embed] float64
+    sparsities: tuple[int, ...]
+
+    def __call__(self, neurons: slice) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(self.atoms)
+        gram = x @ x.T
+        parts: dict[str, list[np.ndarray]] = {"support": [], "coefs": [], "residual_norm": []}
+        for block in row_slices(neurons.stop - neurons.start, NEURONS_PER_BLOCK):
+            rows = slice(neurons.start + block.start, neurons.start + block.stop)
+            y = torch.from_numpy(self.pcs[rows])
+            path = omp_path(gram, y @ x.T, self.sparsities)
+            chosen = x[path.support.clamp(min=0)]  # [block pick embed]; empty slots have coefficient 0
+            recon = torch.einsum("ibk,bke->ibe", path.coef, chosen)
+            parts["support"].append(path.support.numpy())
+            parts["coefs"].append(path.coef.numpy())
+            parts["residual_norm"].append((y[None] - recon).norm(dim=-1).T.numpy())
+        return {"support": np.concatenate(parts["support"]), "coefs": np.concatenate(parts["coefs"], axis=1),
+                "residual_norm": np.concatenate(parts["residual_norm"])}
+
+
+@dataclass(frozen=True)
+class NeuronDecomposition:
+    """support [neuron pick], coefs [m neuron pick], residual_norm [neuron m] and the settings."""
+
+    support: np.ndarray
+    coefs: np.ndarray
+    residual_norm: np.ndarray
+    m: tuple[int, ...]
+    attrs: dict
+
+
+def run_omp(store: RunStore, layer: int, pool: TextPool, *, m: int | Sequence[int] = DEFAULT_M,
+            reference_preprocessing: bool = False, use_ray: bool = False, loaded: LoadedModel | None = None,
+            neurons_per_task: int = NEURONS_PER_TASK) -> NeuronDecomposition:
+    """OMP of every neuron's PC of `layer` on the pool's texts; writes `reductions/omp/layer_{l}/…`."""
+    if isinstance(neurons_per_task, bool) or not isinstance(neurons_per_task, int) or neurons_per_task < 1:
+        raise ConfigError(f"neurons_per_task must be an integer ≥ 1, got {neurons_per_task!r}")
+    pcs = read_pcs(store, layer)
+    sparsities = m_values(m, len(pool.texts))
+    embeddings = cached_text_embeddings(store, pool.texts, pool_name=pool.name, loaded=loaded)
+    if embeddings.shape[1] != pcs.shape[1]:
+        raise StoreError(f"text embeddings have {embeddings.shape[1]} dims but the PCs of layer {layer} "
+                         f"have {pcs.shape[1]}")
+    task = _OMPTask(text_dictionary(embeddings, reference_preprocessing), pcs, sparsities)
+    if use_ray:
+        from clipscope.cluster.reduce import fan_out
+
+        parts = fan_out(task, row_slices(pcs.shape[0], neurons_per_task))
+    else:
+        parts = [task(slice(0, pcs.shape[0]))]
+    result = NeuronDecomposition(
+        support=np.concatenate([p["support"] for p in parts]).astype(np.int64),
+        coefs=np.concatenate([p["coefs"] for p in parts], axis=1),
+        residual_norm=np.concatenate([p["residual_norm"] for p in parts]),
+        m=sparsities,
+        attrs={"pool": pool.name, "pool_hash": pool.hash, "n_texts": len(pool.texts),
+               "texts_key": embeddings_key(pool.texts, store.attrs.get("model", {})), "m": list(sparsities),
+               "preprocessing": "reference" if reference_preprocessing else "none", "pc_sha256": pcs_digest(pcs)},
+    )
+    group = f"{RESULT_PREFIX}/layer_{layer}"
+    store.delete_results(group)  # another pool or m changes the shapes; an old accuracy would be stale
+    store.write_result(f"{group}/m", np.asarray(sparsities, np.int64), ("m",), result.attrs)
+    store.write_result(f"{group}/support", result.support, ("neuron", "pick"), result.attrs)
+    store.write_result(f"{group}/coefs", result.coefs, ("m", "neuron", "pick"), result.attrs)
+    store.write_result(f"{group}/residual_norm", result.residual_norm, ("neuron", "m"), result.attrs)
+    return result
+
+
+def stored_decomposition(store: RunStore, layer: int) -> NeuronDecomposition:
+    group = f"{RESULT_PREFIX}/layer_{layer}"
+    if f"{group}/support" not in store.array_names():
+        raise StoreError(f"{store.url} has no {group}; run `clipscope neurons {store.url} --layer {layer}` first")
+    return NeuronDecomposition(
+        support=store.read_result(f"{group}/support"), coefs=store.read_result(f"{group}/coefs"),
+        residual_norm=store.read_result(f"{group}/residual_norm"),
+        m=tuple(int(v) for v in store.read_result(f"{group}/m")), attrs=dict(store.array(f"{group}/support").attrs),
+    )
+
+
+def reconstructions(store: RunStore, layer: int) -> tuple[NeuronDecomposition, np.ndarray, np.ndarray]:
+    """(the stored decomposition, the PCs [neuron embed], r̂ [m neuron embed]) of `layer`."""
+    result = stored_decomposition(store, layer)
+    pcs = read_pcs(store, layer)
+    if pcs_digest(pcs) != result.attrs["pc_sha256"]:
+        raise StoreError(f"the PCs of layer {layer} changed since its OMP ran; rerun "
+                         f"`clipscope neurons {store.url} --layer {layer}`")
+    name = f"text_embeddings/{result.attrs['texts_key']}/embeddings"
+    if name not in store.array_names():
+        raise StoreError(f"{store.url} lost the text embeddings {name} of the OMP of layer {layer}; rerun it")
+    atoms = text_dictionary(store.read_result(name), result.attrs["preprocessing"] == "reference")
+    chosen = atoms[np.maximum(result.support, 0)]  # [neuron pick embed]
+    return result, pcs, np.einsum("inp,npe->ine", result.coefs, chosen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reconstruction accuracy (paper Fig. 4)
+
+
+@dataclass(frozen=True)
+class _ReplaceBlock:
+    """Picklable map function: per row block, the image embeddings with every neuron's centred
+    second-order effect replaced, and the number of correct zero-shot predictions for each variant."""
+
+    store: RunStore
+    layer: int
+    directions: np.ndarray  # D [later_layer head neuron embed] float64
+    along_pc: np.ndarray  # D_n r_n [later_layer head neuron]
+    pcs: np.ndarray  # r_n [neuron embed]
+    variants: np.ndarray  # [variant neuron embed]: what replaces r_n
+    q_mean: np.ndarray  # [later_layer head neuron]
+    shared_mean: np.ndarray | None  # [embed]
+    weights: np.ndarray  # zero-shot classifier [embed class]
+    classes: np.ndarray  # [sample] class or −1
+
+    def embeddings(self, rows: slice) -> tuple[np.ndarray, np.ndarray]:
+        """(valid mask of the block, [1 + variant, valid sample, embed]: the original embedding first)."""
+        group = f"second_order/layer_{self.layer}"
+        valid = self.store.read_valid(rows)
+        emb = self.store.read("image_embedding", rows)[valid].astype(np.float64)
+        dq = self.store.read(f"{group}/weights", rows)[valid].astype(np.float64) - self.q_mean
+        n_samples, n_neurons = dq.shape[0], dq.shape[-1]
+        # Σ_n (φ_n − φ̄_n) and x_n = ⟨φ_n − φ̄_n, r_n⟩, with φ_n − φ̄_n = D_nᵀ(q_n − q̄_n) + (s − s̄)
+        total = dq.reshape(n_samples, -1) @ self.directions.reshape(-1, self.directions.shape[-1])
+        x = np.einsum("slhn,lhn->sn", dq, self.along_pc)
+        if self.shared_mean is not None:
+            ds = self.store.read(f"{group}/shared", rows)[valid].astype(np.float64) - self.shared_mean
+            total += n_neurons * ds
+            x += ds @ self.pcs.T
+        kept = emb - total
+        return valid, np.stack([emb, *(kept + x @ v for v in self.variants)])
+
+    def __call__(self, rows: slice) -> dict[str, np.ndarray]:
+        from clipscope.pipelines.texts.zero_shot import accuracy
+
+        valid, embeddings = self.embeddings(rows)
+        classes = self.classes[rows][valid]
+        labelled = int((classes >= 0).sum())
+        correct = np.zeros(len(embeddings), np.int64)
+        if labelled:
+            # accuracy is correct / labelled; the count comes back exactly for any labelled < 2⁵²
+            correct = np.array([round(accuracy(e, self.weights, classes) * labelled) for e in embeddings])
+        return {"labelled": labelled, "correct": correct}
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {key: a[key] + b[key] for key in a}
+
+
+@dataclass(frozen=True)
+class ReconstructionAccuracy:
+    task: str
+    m: tuple[int, ...]
+    accuracy: np.ndarray  # [m]
+    pc_accuracy: float  # r̂ = r (PC1 only)
+    baseline: float  # no replacement
+    n_labelled: int
+
+
+def replace_block(store: RunStore, layer: int, weights: np.ndarray, classes: np.ndarray, *,
+                  use_ray: bool = False) -> tuple[_ReplaceBlock, tuple[int, ...]]:
+    """The map function of `reconstruction_accuracy` (variants: r, then r̂ for each m) and the m values."""
+    result, pcs, recon = reconstructions(store, layer)
+    group = f"second_order/layer_{layer}"
+    names = [f"{group}/weights"] + ([f"{group}/shared"] if f"{group}/shared" in store.array_names() else [])
+    means = current_means(store, names, use_ray=use_ray)
+    directions = store.read_result(f"{group}/directions").astype(np.float64)
+    if directions.shape[2:] != pcs.shape:
+        raise StoreError(f"{group}/directions {directions.shape} does not fit the PCs {pcs.shape}")
+    block = _ReplaceBlock(
+        store=store, layer=layer, directions=directions, along_pc=np.einsum("lhne,ne->lhn", directions, pcs),
+        pcs=pcs, variants=np.concatenate([pcs[None], recon]), q_mean=means[names[0]],
+        shared_mean=means.get(f"{group}/shared"), weights=weights, classes=classes,
+    )
+    return block, result.m
+
+
+def reconstruction_accuracy(store: RunStore, layer: int, *, task: str | None = None, use_ray: bool = False,
+                            loaded: LoadedModel | None = None) -> ReconstructionAccuracy:
+    """Zero-shot accuracy when every neuron of `layer` is replaced by its sparse text reconstruction.
+
+    The paper (§3.3, §4) approximates φ_n(I) ≈ x_n(I) r_n + b_n with b_n = φ̄_n (mean over the
+    dataset) and x_n(I) = ⟨φ_n(I) − φ̄_n, r_n⟩ the projection on the PC, then replaces r_n by its
+    sparse reconstruction r̂_n. So, for all neurons n of the layer at once and every image,
+        M'(I) = M(I) − Σ_n (φ_n(I) − φ̄_n) + Σ_n ⟨φ_n(I) − φ̄_n, r_n⟩ · r̂_n,
+    with r̂_n the m-atom OMP reconstruction for each m, and r̂_n = r_n for the PC1-only reference.
+    (The reference code projects on r̂_n instead of r_n; the paper's text defines x_n with r_n.)
+    φ is never formed: φ_n − φ̄_n = D_nᵀ(q_n − q̄_n) + (s − s̄), so the sum over neurons is one
+    product of the centred q with D and the projections are ⟨q_n − q̄_n, D_n r_n⟩ + ⟨s − s̄, r_n⟩
+    (s: the `split` convention's shared term). Means are over the valid rows; accuracy over the
+    valid rows that have a class under `task` (default: `zero_shot.default_task(store)`).
+    """
+    from clipscope.pipelines.texts.zero_shot import classifier, default_task, get_task, store_classes
+
+    zero_shot = get_task(task or default_task(store))
+    classes = store_classes(store, zero_shot)
+    if not (classes >= 0).any():
+        raise ConfigError(f"no valid sample of {store.url} has a class under the zero-shot task {zero_shot.name!r}")
+    weights = classifier(store, zero_shot, loaded)
+    block, sparsities = replace_block(store, layer, weights, classes, use_ray=use_ray)
+    counts = _map_reduce(row_blocks(store), block, _add, use_ray)
+    rates = counts["correct"] / counts["labelled"]
+    out = ReconstructionAccuracy(zero_shot.name, sparsities, rates[2:], float(rates[1]), float(rates[0]),
+                                 int(counts["labelled"]))
+    if store.mode == "r+":
+        attrs = {"task": out.task, "pc1_accuracy": out.pc_accuracy, "baseline_accuracy": out.baseline,
+                 "n_labelled": out.n_labelled, "projection": "pc"}
+        store.write_result(f"{RESULT_PREFIX}/layer_{layer}/accuracy", out.accuracy, ("m",), attrs)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def neuron_table(store: RunStore, layer: int, pool: TextPool, *, m: int, top: int = 5,
+                 neurons: Sequence[int] | None = None) -> pa.Table:
+    """Per neuron its `top` texts of the m-atom decomposition by |coefficient| (one row per text)."""
+    result = stored_decomposition(store, layer)
+    if result.attrs["pool_hash"] != pool.hash:
+        raise StoreError(f"the OMP of layer {layer} used pool {result.attrs['pool']!r}, not {pool.name!r} "
+                         f"(its texts differ); rerun `clipscope neurons` with this pool")
+    if m not in result.m:
+        raise ConfigError(f"--m {m} was not solved for layer {layer}; stored m: {list(result.m)}")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ConfigError(f"--top must be an integer ≥ 1, got {top!r}")
+    n_neurons = result.support.shape[0]
+    chosen = list(range(n_neurons)) if neurons is None else [int(n) for n in neurons]
+    bad = [n for n in chosen if not 0 <= n < n_neurons]
+    if bad:
+        raise ConfigError(f"--neurons must lie in 0..{n_neurons - 1}, got {bad[0]}")
+    i = result.m.index(m)
+    explained = optional_second_order(store, layer, "pc_explained")
+    columns: dict[str, list] = {k: [] for k in ("layer", "neuron", "rank", "text_index", "text", "coefficient",
+                                                "sign", "pc_explained", "residual_norm")}
+    for n in chosen:
+        support, coefs = result.support[n, :m], result.coefs[i, n, :m]
+        picked = np.flatnonzero(support >= 0)
+        order = picked[np.argsort(-np.abs(coefs[picked]), kind="stable")][:top]
+        for rank, k in enumerate(order):
+            columns["layer"].append(layer)
+            columns["neuron"].append(n)
+            columns["rank"].append(rank)
+            columns["text_index"].append(int(support[k]))
+            columns["text"].append(pool.texts[int(support[k])])
+            columns["coefficient"].append(float(coefs[k]))
+            columns["sign"].append("+" if coefs[k] > 0 else "-")
+            columns["pc_explained"].append(None if explained is None else float(explained[n]))
+            columns["residual_norm"].append(float(result.residual_norm[n, i]))
+    return pa.table(columns, schema=pa.schema([
+        ("layer", pa.int64()), ("neuron", pa.int64()), ("rank", pa.int64()), ("text_index", pa.int64()),
+        ("text", pa.string()), ("coefficient", pa.float64()), ("sign", pa.string()),
+        ("pc_explained", pa.float64()), ("residual_norm", pa.float64())]))
+
+
+def format_neurons(table: pa.Table, neurons: Sequence[int], m: int) -> str:
+    """One line per neuron: its signed texts, PC1's explained variance when stored."""
+    data = table.to_pydict()
+    lines = []
+    for n in neurons:
+        idx = [i for i, v in enumerate(data["neuron"]) if v == n]
+        texts = "  ".join(f"{data['sign'][i]}{data['text'][i]!r}" for i in idx) or "(no text: its PC is 0)"
+        notes = []
+        if idx and data["pc_explained"][idx[0]] is not None:
+            notes.append(f"PC1 explains {data['pc_explained'][idx[0]]:.1%}")
+        if idx:
+            notes.append(f"residual {data['residual_norm'][idx[0]]:.3f} at m={m}")
+        lines.append(f"neuron {n}" + (f" ({', '.join(notes)})" if notes else "") + f": {texts}")
+    return "\n".join(lines)
+
+
+def format_accuracy(result: ReconstructionAccuracy) -> str:
+    lines = [f"zero-shot accuracy ({result.task}, {result.n_labelled} labelled images), every neuron's "
+             f"centred effect replaced by ⟨φ−φ̄, r⟩·r̂:",
+             f"  original embedding   {result.baseline:.2%}",
+             f"  PC1 (r̂ = r)          {result.pc_accuracy:.2%}"]
+    lines += [f"  m = {m:<4}             {acc:.2%}" for m, acc in zip(result.m, result.accuracy)]
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""Zero-shot accuracy under mean-ablations of one layer's second-order effects (paper Fig. 3).
+
+Reads the results of `second_order_job.run_second_order` (means, top-k rows, PCs) and, per row
+block, forms the image embeddings of `kernels.second_order_ablation.ABLATIONS` from q — one
+contraction per ablation, never φ — and counts correct zero-shot predictions. The top-k images and
+the means come from the same store the accuracy is measured on (the paper takes them from a
+separate set of ~5000 training images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clipscope.errors import ConfigError, StoreError
+from clipscope.kernels.second_order_ablation import ABLATIONS, ablated_embeddings, ablation_terms, add_terms
+from clipscope.pipelines.jobs.means.job import _map_reduce, row_blocks
+from clipscope.pipelines.jobs.second_order.job import (
+    LayerArrays,
+    SecondOrderSettings,
+    as_tensor,
+    chunk_slices,
+    directions_neuron_major,
+    layer_arrays,
+    read_centred,
+    result_prefix,
+)
+from clipscope.pipelines.texts.zero_shot import ZeroShotTask, classifier, store_classes
+from clipscope.storage.store import RunStore
+
+ABLATION_LABELS = {
+    "baseline": "baseline",
+    "all_neurons": "w/o all neurons",
+    "small_norm": "w/o small norm",
+    "large_norm": "w/o large norm",
+    "pc1_reconstruction": "PC1 reconstruction",
+}
+
+
+def top_membership(top_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[len(rows), neuron] bool: row i is among neuron n's top rows (`top_rows` [neuron slot], −1 padded;
+    `rows` sorted)."""
+    at = np.searchsorted(rows, top_rows).clip(max=max(len(rows) - 1, 0))
+    hit = (rows[at] == top_rows) if len(rows) else np.zeros(top_rows.shape, bool)
+    neuron, slot = np.nonzero(hit)
+    member = np.zeros((len(rows), top_rows.shape[0]), bool)
+    member[at[neuron, slot], neuron] = True
+    return member
+
+
+@dataclass(frozen=True)
+class AblationBlock:
+    """Picklable map function: correct predictions per ablation and the number of labelled rows."""
+
+    store: RunStore
+    arrays: LayerArrays
+    directions: np.ndarray  # [neuron weight embed] float64
+    pc: np.ndarray  # [neuron embed]
+    q_mean: np.ndarray  # [neuron weight]
+    shared_mean: np.ndarray | None
+    top_rows: np.ndarray  # [neuron slot]
+    weights: np.ndarray  # [embed class]
+    classes: np.ndarray  # [row] class or −1
+    neuron_chunk: int
+
+    def embeddings(self, rows: slice) -> tuple[np.ndarray, torch.Tensor]:
+        """The labelled rows of a block and their embeddings [ablation sample embed]."""
+        keep = self.classes[rows] >= 0
+        index = np.arange(rows.start, rows.stop)[keep]
+        emb = torch.from_numpy(self.store.read("image_embedding", rows)[keep].astype(np.float64))
+        dq, ds = read_centred(self.store, self.arrays, rows, keep, self.q_mean, self.shared_mean)
+        in_top = torch.from_numpy(top_membership(self.top_rows, index))
+        terms = None
+        for chunk in chunk_slices(dq.shape[1], self.neuron_chunk):
+            part = ablation_terms(dq[:, chunk], as_tensor(self.directions[chunk]), as_tensor(self.pc[chunk]),
+                                  in_top[:, chunk], ds)
+            terms = part if terms is None else add_terms(terms, part)
+        return index, ablated_embeddings(emb, terms)
+
+    def __call__(self, rows: slice) -> np.ndarray:
+        counts = np.zeros(len(ABLATIONS) + 1, np.int64)
+        index, embeddings = self.embeddings(rows)
+        if len(index):
+            predicted = (embeddings @ as_tensor(self.weights)).argmax(-1).numpy()
+            counts[:-1] = (predicted == self.classes[index][None, :]).sum(1)
+            counts[-1] = len(index)
+        return counts
+
+
+def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a + b
+
+
+def ablation_block(store: RunStore, layer: int, weights: np.ndarray, classes: np.ndarray,
+                   settings: SecondOrderSettings = SecondOrderSettings()) -> AblationBlock:
+    """The map function of `evaluate_ablations`, from `run_second_order`'s results in the store."""
+    arrays = layer_arrays(store, layer)
+    prefix = result_prefix(layer)
+    if f"{prefix}/pc" not in store.array_names():
+        raise StoreError(f"{store.url} has no second-order results for layer {layer}; run "
+                         f"`clipscope second-order` first")
+    classes = np.asarray(classes)
+    if classes.shape != (store.n_rows,):
+        raise ConfigError(f"classes must have shape ({store.n_rows},), got {classes.shape}")
+    mean = store.read_result(f"{prefix}/mean_weights")
+    n_later, n_heads, n = mean.shape
+    shared_mean = store.read_result(f"{prefix}/mean_shared") if arrays.shared is not None else None
+    return AblationBlock(store, arrays, directions_neuron_major(store.read_result(arrays.directions)),
+                         store.read_result(f"{prefix}/pc").astype(np.float64),
+                         np.ascontiguousarray(mean.reshape(n_later * n_heads, n).T), shared_mean,
+                         store.read_result(f"{prefix}/topk_rows"), np.asarray(weights, np.float64), classes,
+                         settings.neuron_chunk)
+
+
+def evaluate_ablations(store: RunStore, layer: int, weights: np.ndarray, classes: np.ndarray, *,
+                       settings: SecondOrderSettings = SecondOrderSettings(), use_ray: bool = False
+                       ) -> dict[str, float]:
+    """Accuracy under every ablation (and the number of labelled rows, key `labelled`) for classifier
+    `weights` [embed class] and `classes` [row] (−1: not scored); predictions are the arg-max of
+    embedding · weights, as in `zero_shot.accuracy`. Needs `run_second_order`'s results for `layer`."""
+    block = ablation_block(store, layer, weights, classes, settings)
+    counts = _map_reduce(row_blocks(store, settings.chunks_per_block), block, _add, use_ray)
+    if counts[-1] == 0:
+        raise ConfigError("no labelled samples to score; the zero-shot task needs the samples' labels")
+    table: dict[str, float] = {name: float(c) / float(counts[-1]) for name, c in zip(ABLATIONS, counts[:-1])}
+    table["labelled"] = int(counts[-1])
+    return table
+
+
+def run_evaluation(store: RunStore, layer: int, task: ZeroShotTask, *,
+                   settings: SecondOrderSettings = SecondOrderSettings(), use_ray: bool = False) -> dict[str, float]:
+    """`evaluate_ablations` with `task`'s zero-shot classifier; writes
+    reductions/second_order/layer_{l}/evaluation [ablation] (names in attrs)."""
+    classes = store_classes(store, task)
+    table = evaluate_ablations(store, layer, classifier(store, task), classes, settings=settings, use_ray=use_ray)
+    if store.mode == "r+":
+        store.write_result(f"{result_prefix(layer)}/evaluation", np.array([table[a] for a in ABLATIONS]),
+                           ("ablation",), {"ablations": list(ABLATIONS), "task": task.name,
+                                           "labelled": table["labelled"], "layer": layer})
+    return table
+
+
+def format_evaluation(table: dict[str, float], task_name: str) -> str:
+    lines = [f"zero-shot accuracy ({task_name}, {table['labelled']} labelled images)"]
+    baseline = table["baseline"]
+    for name in ABLATIONS:
+        delta = "" if name == "baseline" else f"  ({table[name] - baseline:+.1%})"
+        lines.append(f"  {ABLATION_LABELS[name]:<20} {table[name]:7.1%}{delta}")
+    return "\n".join(lines)

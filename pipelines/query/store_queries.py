@@ -1,0 +1,131 @@
+"""Questions asked of a finished store that need the run's model or the decomposition's meaning.
+
+Row-level reading, key lookup and export live in `clipscope.storage.query`; this module adds what
+needs a model (text directions) or the math (second-order norms), streaming over row blocks so a
+store of any size is read in bounded memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from clipscope.errors import ConfigError, StoreError
+from clipscope.kernels.decompose import second_order_effects
+from clipscope.pipelines.models.loading import LoadedModel, load_model, load_run_model
+from clipscope.pipelines.texts.encode import encode_texts
+from clipscope.storage.layout import row_slices
+from clipscope.storage.query import read_image, sample_info, topk_rows
+from clipscope.storage.store import RunStore
+
+
+def _layer_position(store: RunStore, layer: int, kind: str = "heads") -> int:
+    layers = store.attrs.get("layers", {}).get(kind, [])
+    if layer not in layers:
+        raise ConfigError(f"--layer {layer} is not stored in {store.url}; stored {kind} layers: {layers}")
+    return layers.index(layer)
+
+
+def _check_head(store: RunStore, head: int) -> None:
+    n_heads = store.array("direct/heads").shape[2]
+    if not 0 <= head < n_heads:
+        raise ConfigError(f"--head must be in 0..{n_heads - 1}, got {head}")
+
+
+def _streamed_topk(store: RunStore, k: int, score_block) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows by `score_block(rows: slice) -> scores`, over valid rows, one chunk group at a time."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"-k must be an integer ≥ 1, got {k!r}")
+    best_rows, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float64)
+    for rows in row_slices(store.n_rows, store.rows_per_chunk * 16):
+        valid = store.read_valid(rows)
+        if not valid.any():
+            continue
+        scores = np.asarray(score_block(rows), np.float64)
+        local = topk_rows(scores, k, valid)
+        best_rows = np.concatenate([best_rows, local + rows.start])
+        best_scores = np.concatenate([best_scores, scores[local]])
+        order = np.lexsort((best_rows, -best_scores))[:k]
+        best_rows, best_scores = best_rows[order], best_scores[order]
+    return best_rows, best_scores
+
+
+def _with_info(store: RunStore, rows: np.ndarray, scores: np.ndarray, score_name: str) -> pa.Table:
+    table = sample_info(store, rows)
+    return table.append_column(score_name, pa.array(scores, pa.float64()))
+
+
+def top_images_for_text(store: RunStore, layer: int, head: int, text: str, k: int = 10,
+                        loaded: LoadedModel | None = None) -> pa.Table:
+    """Images whose (layer, head) direct effect points furthest along the text's embedding."""
+    position = _layer_position(store, layer)
+    _check_head(store, head)
+    direction = encode_texts(loaded or load_run_model(store), [text])[0].astype(np.float64)
+    heads = store.array("direct/heads")
+    rows, scores = _streamed_topk(store, k, lambda r: heads[r, position, head].astype(np.float64) @ direction)
+    return _with_info(store, rows, scores, "score")
+
+
+def top_images_for_neuron(store: RunStore, layer: int, neuron: int, k: int = 10) -> pa.Table:
+    """Images with the largest second-order effect norm ‖φ_n‖ of one neuron."""
+    group = f"second_order/layer_{layer}"
+    if f"{group}/weights" not in store.array_names():
+        stored = sorted(store.attrs.get("layers", {}).get("second_order", {}))
+        raise ConfigError(f"--layer {layer} has no second-order data in {store.url}; stored: {stored}")
+    weights = store.array(f"{group}/weights")
+    if not 0 <= neuron < weights.shape[-1]:
+        raise ConfigError(f"--neuron must be in 0..{weights.shape[-1] - 1}, got {neuron}")
+    directions = torch.from_numpy(store.read_result(f"{group}/directions")[:, :, [neuron]]).double()
+    shared = store.array(f"{group}/shared") if f"{group}/shared" in store.array_names() else None
+
+    def norms(rows: slice) -> np.ndarray:
+        q = torch.from_numpy(weights[rows, :, :, neuron][..., None].astype(np.float64))
+        s = None if shared is None else torch.from_numpy(shared[rows].astype(np.float64))
+        return second_order_effects(q, directions, s)[:, 0].norm(dim=-1).numpy()
+
+    rows, scores = _streamed_topk(store, k, norms)
+    return _with_info(store, rows, scores, "norm")
+
+
+def image_summary(store: RunStore, sample: int | str, top: int = 10) -> tuple[dict[str, Any], pa.Table]:
+    """One image: its embedding and the components that contribute most along it."""
+    data = read_image(store, sample)
+    emb = data["image_embedding"].astype(np.float64)
+    unit = emb / max(np.linalg.norm(emb), 1e-12)
+    layers = store.attrs.get("layers", {}).get("heads", [])
+    parts: list[tuple[str, Any, Any, float, float]] = []
+    for name in ("direct/embedding", "direct/bias"):
+        v = data[name].astype(np.float64)
+        parts.append((name.split("/")[1], None, None, float(v @ unit), float(np.linalg.norm(v))))
+    for i, layer in enumerate(layers):
+        v = data["direct/mlps"][i].astype(np.float64)
+        parts.append(("mlp", layer, None, float(v @ unit), float(np.linalg.norm(v))))
+        for h, hv in enumerate(data["direct/heads"][i].astype(np.float64)):
+            parts.append(("head", layer, h, float(hv @ unit), float(np.linalg.norm(hv))))
+    parts.sort(key=lambda p: -abs(p[3]))
+    parts = parts[:top]
+    table = pa.table({
+        "component": [p[0] for p in parts], "layer": pa.array([p[1] for p in parts], pa.int64()),
+        "head": pa.array([p[2] for p in parts], pa.int64()), "along_embedding": [p[3] for p in parts],
+        "norm": [p[4] for p in parts],
+    })
+    total = sum(float(data[n].astype(np.float64).sum(axis=tuple(range(data[n].ndim - 1))) @ unit)
+                for n in ("direct/embedding", "direct/bias", "direct/mlps", "direct/heads"))
+    header = {"embedding_norm": float(np.linalg.norm(emb)), "sum_of_components_along_embedding": total}
+    return header, table
+
+
+def format_table(table: pa.Table, floats: str = "{:.4f}") -> str:
+    """A plain aligned text table."""
+    cols = table.column_names
+    cells = [[("" if v is None else floats.format(v) if isinstance(v, float) else str(v))
+              for v in table.column(c).to_pylist()] for c in cols]
+    widths = [max([len(c)] + [len(x) for x in col]) for c, col in zip(cols, cells)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    for i in range(table.num_rows):
+        lines.append("  ".join(col[i][:60].ljust(w) for col, w in zip(cells, widths)))
+    return "\n".join(lines)
