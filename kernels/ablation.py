@@ -1,4 +1,4 @@
-"""Mean-ablation of additive components of an image embedding, and zero-shot scoring (thesis §2.3).
+"""Mean-ablation of additive components of an image embedding (thesis §2.3; scored by `zero_shot`).
 
 Mean-ablating a set S of components replaces each c ∈ S by its dataset mean c̄, so the embedding
 becomes emb − Σ_{c∈S}(c − c̄): only the stored components and their means are needed, never the
@@ -9,7 +9,7 @@ attended from itself), each already folded through ln_post with the image's own 
 from __future__ import annotations
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from clipscope.errors import ConfigError
@@ -39,20 +39,3 @@ def masked_head_delta(
 ) -> Float[Tensor, "*ablation sample embed"]:
     """Σ over the masked (layer, head) of c − c̄, for one or a stack of head masks."""
     return torch.einsum("slhd,...lh->...sd", centred_heads, mask.to(centred_heads.dtype))
-
-
-def zero_shot_logits(
-    embedding: Float[Tensor, "sample embed"], weights: Float[Tensor, "embed cls"]
-) -> Float[Tensor, "sample cls"]:
-    """Cosine similarities with unit class weights (open_clip's logits up to its logit scale,
-    which changes no prediction)."""
-    return torch.nn.functional.normalize(embedding, dim=-1) @ weights
-
-
-def correct_counts(
-    logits: Float[Tensor, "*ablation sample cls"], classes: Int[Tensor, " sample"]
-) -> Int[Tensor, "*ablation"]:
-    """Top-1 hits per ablation over the samples with a class (class ≥ 0)."""
-    labelled = classes >= 0
-    hits = (logits.argmax(-1) == classes) & labelled
-    return hits.sum(-1)

@@ -236,3 +236,16 @@ def omp_path(
     for i, m in enumerate(sparsities):
         coef[i, :, :m] = torch.cholesky_solve(rhs[:, :m, None], chol[:, :m, :m], upper=False)[:, :, 0]
     return OMPPath(support, coef)
+
+
+def path_reconstruction(
+    dictionary: Float[Tensor, "atom embed"],
+    support: Int[Tensor, "target pick"],
+    coef: Float[Tensor, "sparsity target pick"],
+) -> Float[Tensor, "sparsity target embed"]:
+    """r̂ = Σ_k coef[i, b, k] · dictionary[support[b, k]] for every sparsity i of an `omp_path`
+    (empty slots, support −1, carry coefficient 0)."""
+    if support.shape != coef.shape[1:]:
+        raise ConfigError(f"support {tuple(support.shape)} and coef {tuple(coef.shape)} do not match")
+    chosen = dictionary.to(coef.dtype)[support.clamp(min=0)]  # [target pick embed]
+    return torch.einsum("itp,tpe->ite", coef, chosen)

@@ -14,7 +14,6 @@ from clipscope.kernels.neuron_pca import (
     topk_merge,
     topk_update,
 )
-from clipscope.kernels.running_stats import merge_sum_stats, sum_stats
 
 
 def _world(seed: int, b=600, n=12, p=6, e=20):
@@ -101,29 +100,25 @@ def test_streamed_pipeline_matches_reference_pca(case):
     g = np.random.default_rng(case["seed"])
     cuts = np.sort(g.choice(np.arange(1, len(q)), size=6, replace=False))
     blocks = [torch.from_numpy(b) for b in np.split(np.arange(len(q)), cuts)]
-    # Pass 1: means, merged in a random order.
+    # Pass 1: means from float64 block sums added in a random order (as the means job streams them).
     order = g.permutation(len(blocks))
-    q_stats = sum_stats(qt[blocks[order[0]]])
-    s_stats = sum_stats(st[blocks[order[0]]])
-    for i in order[1:]:
-        q_stats = merge_sum_stats(q_stats, sum_stats(qt[blocks[i]]))
-        s_stats = merge_sum_stats(s_stats, sum_stats(st[blocks[i]]))
-    assert q_stats.count == len(q)
-    shared_kw = dict(shared_mean=s_stats.mean, shared_scale=scale) if case["with_shared"] else {}
+    q_mean = sum(qt[blocks[i]].double().sum(0) for i in order) / len(q)
+    s_mean = sum(st[blocks[i]].double().sum(0) for i in order) / len(q)
+    shared_kw = dict(shared_mean=s_mean, shared_scale=scale) if case["with_shared"] else {}
     # Pass 2: centred norms → streaming top-k per neuron, blocks in another order.
     factors = neuron_factors(dt)
     state = topk_init(q.shape[1], k)
     for i in g.permutation(len(blocks)):
         rows = blocks[i]
         extra = dict(shared=st[rows], **shared_kw) if case["with_shared"] else {}
-        scores = gram_norms(qt[rows], factors=factors, q_mean=q_stats.mean, **extra)
+        scores = gram_norms(qt[rows], factors=factors, q_mean=q_mean, **extra)
         state = topk_update(state, scores, rows)
     assert [set(r.tolist()) for r in state.rows] == ref_tops
     # Gather the top rows and solve in q-space.
     neurons = torch.arange(q.shape[1])[:, None]
     q_top = qt[state.rows, neurons]  # [N, k, P]
     extra = dict(shared_top=st[state.rows], **shared_kw) if case["with_shared"] else {}
-    res = rank1_pc(q_top, factors=factors, q_mean=q_stats.mean, **extra)
+    res = rank1_pc(q_top, factors=factors, q_mean=q_mean, **extra)
     np.testing.assert_allclose(res.pc.numpy(), ref_pcs, rtol=1e-8, atol=1e-10)
     # Singular value, energy ratio and projections against the materialised rows.
     centred = phi - phi.mean(axis=0)
@@ -135,7 +130,7 @@ def test_streamed_pipeline_matches_reference_pca(case):
         np.testing.assert_allclose(res.projections[n].numpy(), rows @ ref_pcs[n], rtol=1e-8, atol=1e-9)
     # Coefficients of the rank-1 approximation for every image.
     coords = pc_coordinates(
-        qt, res.pc, dt, q_mean=q_stats.mean, **(dict(shared=st, **shared_kw) if case["with_shared"] else {})
+        qt, res.pc, dt, q_mean=q_mean, **(dict(shared=st, **shared_kw) if case["with_shared"] else {})
     )
     np.testing.assert_allclose(coords.numpy(), np.einsum("bne,ne->bn", centred, ref_pcs), rtol=1e-9, atol=1e-9)
 

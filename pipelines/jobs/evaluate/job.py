@@ -32,7 +32,8 @@ import pyarrow as pa
 import torch
 
 from clipscope.errors import ConfigError, StoreError
-from clipscope.kernels.ablation import ablation_delta, correct_counts, masked_head_delta, zero_shot_logits
+from clipscope.kernels.ablation import ablation_delta, masked_head_delta
+from clipscope.kernels.zero_shot import correct_counts, zero_shot_logits
 from clipscope.pipelines.models.loading import LoadedModel
 from clipscope.pipelines.jobs.means.job import _map_reduce, current_means, row_blocks, stale_means
 from clipscope.pipelines.texts.zero_shot import ZeroShotTask, classifier, get_task, store_classes

@@ -32,7 +32,8 @@ import pyarrow as pa
 import torch
 
 from clipscope.errors import ConfigError, StoreError
-from clipscope.kernels.omp import omp_path, reference_dictionary
+from clipscope.kernels.zero_shot import count_correct
+from clipscope.kernels.omp import omp_path, path_reconstruction, reference_dictionary
 from clipscope.pipelines.models.loading import LoadedModel
 from clipscope.pipelines.jobs.means.job import _map_reduce, current_means, row_blocks
 from clipscope.pipelines.texts.pools import TextPool
@@ -105,8 +106,7 @@ class _OMPTask:
             rows = slice(neurons.start + block.start, neurons.start + block.stop)
             y = torch.from_numpy(self.pcs[rows])
             path = omp_path(gram, y @ x.T, self.sparsities)
-            chosen = x[path.support.clamp(min=0)]  # [block pick embed]; empty slots have coefficient 0
-            recon = torch.einsum("ibk,bke->ibe", path.coef, chosen)
+            recon = path_reconstruction(x, path.support, path.coef)
             parts["support"].append(path.support.numpy())
             parts["coefs"].append(path.coef.numpy())
             parts["residual_norm"].append((y[None] - recon).norm(dim=-1).T.numpy())
@@ -184,8 +184,9 @@ def reconstructions(store: RunStore, layer: int) -> tuple[NeuronDecomposition, n
     if name not in store.array_names():
         raise StoreError(f"{store.url} lost the text embeddings {name} of the OMP of layer {layer}; rerun it")
     atoms = text_dictionary(store.read_result(name), result.attrs["preprocessing"] == "reference")
-    chosen = atoms[np.maximum(result.support, 0)]  # [neuron pick embed]
-    return result, pcs, np.einsum("inp,npe->ine", result.coefs, chosen)
+    recon = path_reconstruction(torch.from_numpy(atoms), torch.from_numpy(result.support),
+                                torch.from_numpy(result.coefs))
+    return result, pcs, recon.numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,16 +227,11 @@ class _ReplaceBlock:
         return valid, np.stack([emb, *(kept + x @ v for v in self.variants)])
 
     def __call__(self, rows: slice) -> dict[str, np.ndarray]:
-        from clipscope.pipelines.texts.zero_shot import accuracy
-
         valid, embeddings = self.embeddings(rows)
         classes = self.classes[rows][valid]
-        labelled = int((classes >= 0).sum())
-        correct = np.zeros(len(embeddings), np.int64)
-        if labelled:
-            # accuracy is correct / labelled; the count comes back exactly for any labelled < 2⁵²
-            correct = np.array([round(accuracy(e, self.weights, classes) * labelled) for e in embeddings])
-        return {"labelled": labelled, "correct": correct}
+        correct = count_correct(torch.from_numpy(embeddings), torch.from_numpy(self.weights),
+                                torch.from_numpy(classes)).numpy().astype(np.int64)
+        return {"labelled": int((classes >= 0).sum()), "correct": correct}
 
 
 def _add(a: dict, b: dict) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from clipscope.errors import ConfigError, StoreError
+from clipscope.kernels.zero_shot import count_correct
 from clipscope.kernels.second_order_ablation import ABLATIONS, ablated_embeddings, ablation_terms, add_terms
 from clipscope.pipelines.jobs.means.job import _map_reduce, row_blocks
 from clipscope.pipelines.jobs.second_order.job import (
@@ -83,8 +84,8 @@ class AblationBlock:
         counts = np.zeros(len(ABLATIONS) + 1, np.int64)
         index, embeddings = self.embeddings(rows)
         if len(index):
-            predicted = (embeddings @ as_tensor(self.weights)).argmax(-1).numpy()
-            counts[:-1] = (predicted == self.classes[index][None, :]).sum(1)
+            counts[:-1] = count_correct(embeddings, as_tensor(self.weights),
+                                        torch.from_numpy(self.classes[index])).numpy()
             counts[-1] = len(index)
         return counts
 

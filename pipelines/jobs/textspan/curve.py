@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
+from clipscope.kernels.zero_shot import count_correct
 from clipscope.errors import ConfigError
 from clipscope.pipelines.models.loading import LoadedModel
 from clipscope.pipelines.jobs.means.job import _add_sums, _map_reduce, head_positions, row_blocks
@@ -131,7 +133,7 @@ def _read_block(store: RunStore, rows: slice, positions: tuple[int, ...], keep: 
 
 
 def _hits(embedding: np.ndarray, weights: np.ndarray, truth: np.ndarray) -> int:
-    return int((np.argmax(embedding @ weights, axis=1) == truth).sum())
+    return int(count_correct(torch.from_numpy(embedding), torch.from_numpy(weights), torch.from_numpy(truth)))
 
 
 @dataclass(frozen=True)

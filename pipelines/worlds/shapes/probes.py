@@ -8,9 +8,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from clipscope._torchvision_compat import import_open_clip
 from clipscope.errors import ConfigError
+from clipscope.kernels.zero_shot import class_weights, predict
 from clipscope.pipelines.models.loading import LoadedModel
 from clipscope.pipelines.texts.encode import encode_texts
 from clipscope.pipelines.worlds.shapes import world
@@ -34,10 +35,8 @@ def image_tensor(images: np.ndarray, loaded: LoadedModel) -> torch.Tensor:
 
 def zero_shot_weights(loaded: LoadedModel, classnames: Sequence[str], prompts: Sequence[Callable[[str], str]]) -> torch.Tensor:
     """[embed class] classifier of normalised, template-averaged text embeddings."""
-    open_clip = import_open_clip()
-    device = next(loaded.model.parameters()).device
-    return open_clip.build_zero_shot_classifier(loaded.model, loaded.tokenizer, list(classnames), list(prompts),
-                                                num_classes_per_batch=None, device=device)
+    texts = encode_texts(loaded, [fill(name) for name in classnames for fill in prompts])
+    return class_weights(torch.from_numpy(texts).reshape(len(classnames), len(prompts), -1))
 
 
 def encode_images(loaded: LoadedModel, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
@@ -64,13 +63,13 @@ def zero_shot_accuracy(loaded: LoadedModel, scenes: Sequence[world.Scene], embed
         embeddings = encode_images(loaded, np.stack([s.image for s in scenes]))
     out = {}
     for task, (names, prompts, index_of) in ATTRIBUTE_TASKS.items():
-        predicted = (embeddings @ zero_shot_weights(loaded, names, prompts).cpu()).argmax(1)
+        predicted = predict(embeddings, zero_shot_weights(loaded, names, prompts))
         main = torch.tensor([index_of(s.main) for s in scenes])
         present = [{index_of(o) for o in s.objects} for s in scenes]
         out[f"{task}_acc"] = (predicted == main).float().mean().item()
         out[f"{task}_any_acc"] = float(np.mean([int(p) in pr for p, pr in zip(predicted.tolist(), present)]))
     counts = sorted(world.COUNT_WORDS)
-    predicted = (embeddings @ zero_shot_weights(loaded, [world.COUNT_WORDS[c] for c in counts], world.COUNT_PROMPTS).cpu()).argmax(1)
+    predicted = predict(embeddings, zero_shot_weights(loaded, [world.COUNT_WORDS[c] for c in counts], world.COUNT_PROMPTS))
     truth = torch.tensor([counts.index(len(s.objects)) for s in scenes])
     out["count_acc"] = (predicted == truth).float().mean().item()
     return out

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from clipscope.errors import ConfigError, StoreError
-from clipscope.kernels.ablation import zero_shot_logits
+from clipscope.kernels.zero_shot import zero_shot_logits
 from clipscope.pipelines.jobs.evaluate import job as evaluate_module
 from clipscope.pipelines.jobs.evaluate.job import (
     ablation_means,

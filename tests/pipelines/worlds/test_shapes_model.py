@@ -189,3 +189,15 @@ def test_store_evaluation_keeps_the_accuracy_with_only_the_last_layers_heads(hel
         acc = dict(zip(table.column("ablation").to_pylist(), table.column("accuracy").to_pylist()))
         assert acc["keep_last_2"] >= GATES[gate], (task, acc)
         assert acc["heads_to_L3"] <= 0.3, (task, acc)  # every head ablated: near chance
+
+
+def test_zero_shot_weights_equal_open_clips_classifier(loaded):
+    """The probes' classifier (texts encoded by clipscope, `kernels.zero_shot.class_weights`) is
+    open_clip's own `build_zero_shot_classifier` on the same model."""
+    from clipscope import import_open_clip
+
+    names, prompts = list(sw.COLOURS), sw.COLOUR_PROMPTS
+    reference = import_open_clip().build_zero_shot_classifier(
+        loaded.model, loaded.tokenizer, names, list(prompts), num_classes_per_batch=None, device="cpu")
+    torch.testing.assert_close(probes.zero_shot_weights(loaded, names, prompts).float(), reference,
+                               rtol=0, atol=2e-6)
