@@ -19,9 +19,14 @@ from clipscope.storage.store import RunStore
 
 
 def embeddings_key(texts: Sequence[str], model_identity: dict[str, Any]) -> str:
+    """Hash of the texts and the model's weights' identity. A checkpoint is identified by its sha256,
+    not by the path it was loaded from, so a moved or re-mounted checkpoint finds its cache."""
+    identity = dict(model_identity)
+    if identity.get("sha256"):
+        identity.pop("pretrained", None)
     digest = hashlib.sha256()
     digest.update(json.dumps(list(texts)).encode())
-    digest.update(json.dumps(model_identity, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 
 
