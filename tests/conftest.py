@@ -14,11 +14,14 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# The real loader, bound before any fixture patches `loading.load_model` with this cache (calling
+# the patched one from here would recurse when the cache is first filled under the patch).
+from clipscope.pipelines.models.loading import load_model as _load_model  # noqa: E402
+
+
 @functools.lru_cache(maxsize=None)
 def _cached_model(name: str, seed: int = 0):
-    from clipscope.pipelines.models.loading import load_model
-
-    return load_model(name, "none", seed=seed)
+    return _load_model(name, "none", seed=seed)
 
 
 @pytest.fixture(scope="session")

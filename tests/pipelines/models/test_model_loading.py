@@ -93,7 +93,7 @@ def test_missing_checkpoint_is_named(tmp_path):
 def test_unsupported_pooling_is_refused(tmp_path):
     import json
 
-    from clipscope.pipelines.models.loading import loading as models
+    from clipscope.pipelines.models import loading as models
     config = json.loads((models.CONFIG_DIR / "clipscope-tiny.json").read_text())
     config["vision_cfg"]["pool_type"] = "avg"
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
