@@ -6,15 +6,19 @@ stays O(token · head · embed) per layer.
 
 ln_post folding. With μ, σ of the final class token frozen, ln_post followed by the projection is
 affine, so a component c of x^L_0 maps to f(c) = (c @ P̃)/σ + s·o, where
-  split:  P̃ = diag(γ) P,                 o = Pᵀβ − (μ/σ)·Pᵀγ, shares s = 1/K over the K components
+  split:  P̃ = diag(γ) P,                 o = Pᵀβ − (μ/σ)·Pᵀγ, with shares s summing to 1
   center: P̃ = (I − 11ᵀ/d) diag(γ) P,    o = 0, and Pᵀβ is a term of its own (in `direct/bias`).
-The K components of the `split` convention are: the embedding, each layer's MLP, each (layer,
-head) and each layer's out-projection bias (K = 1 + 2L + LH). A head's share is divided equally
-over its tokens, so per-token terms sum to the per-head terms in both conventions.
+`split` is the reference code's convention term for term (DESIGN §3): K₁ = 2L + 1 groups (the
+embedding, L MLPs, L attention layers); the embedding and each MLP carry s = 1/K₁; each (token t,
+head h) term of layer l is c_{t,l,h} + ls₁ˡ⊙b_Oˡ/(H·T) — the out-projection bias spread over the
+layer's H·T terms, so it lives inside the heads — with s = 1/(K₁·H·T). A head (summed over its
+tokens) therefore carries ls₁ˡ⊙b_Oˡ/H and s = 1/(K₁·H), and `direct/bias` is zero under `split`
+(ViTSpec has no projection bias). Under `center` the out-projection biases stay in `direct/bias`.
+Per-token terms sum to the per-head terms in both conventions.
 
 The class token attended from itself (thesis Appendix A, "Mean-Ablation of the Class-Token Attended
-from Itself") is the token-0 term summed over a layer's heads, Σ_h f(c_{0,l,h}) with each head's
-token share 1/T included; it is returned for every layer whenever direct effects are, at the cost
+from Itself") is the token-0 term summed over a layer's heads, Σ_h f(c_{0,l,h}) with each (token,
+head) term's shares included; it is returned for every layer whenever direct effects are, at the cost
 of one [head e] × [head e embed] product per layer, so it needs no per-token storage.
 """
 
@@ -204,7 +208,9 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Foldi
             for source, acts in sources.items():
                 q_parts[source].append(torch.einsum("bht,btn->bhn", weights, acts))
                 if req.convention == "split":
-                    shared_parts[source].append(_shared_value(block, cls_attn, mean_t, sigma_t))
+                    shared_parts[source].append(
+                        _shared_value(block, index, spec.blocks[source], cls_attn, mean_t, sigma_t)
+                    )
         b, t, _ = x.shape
         w_o = block.w_o.permute(1, 0, 2).reshape(x.shape[-1], -1)
         attn_out = F.linear(attn.transpose(1, 2).reshape(b, t, -1), w_o, block.b_o)
@@ -224,55 +230,82 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Foldi
     mu, sigma = layer_norm_stats(spec.ln_post, final)  # [batch]
     inv_sigma = (1.0 / sigma)[:, None]
 
+    # ln_post's offset Pᵀβ − (μ/σ)·Pᵀγ, of which every `split` term carries its share.
+    offset = (spec.ln_post.bias @ spec.proj)[None] - (mu / sigma)[:, None] * (spec.ln_post.weight @ spec.proj)[None]
+    k_1 = 2 * n_layers + 1  # split: the embedding, L MLPs and L attention layers
+
     for source in req.second_order_layers:
         out[f"second_order/layer_{source}/weights"] = torch.stack(q_parts[source], 1) * inv_sigma[:, :, None, None]
         if req.convention == "split":
             p_fold = folded_projection(spec, "split")
             total = torch.stack(shared_parts[source], 0).sum(0)  # [batch width]
-            out[f"second_order/layer_{source}/shared"] = (total @ p_fold) * inv_sigma / spec.mlp_width
+            # Σ over later layers l' and heads h of ln_post's share 1/((1+2l')·k_1·H·N) per (l', h, n).
+            post_share = sum(1.0 / (1 + 2 * later) for later in range(source + 1, n_layers)) / (k_1 * spec.mlp_width)
+            out[f"second_order/layer_{source}/shared"] = (total @ p_fold) * inv_sigma + post_share * offset
 
     if req.direct or req.token_layers:
         p_fold, readouts = fold.p_fold, fold.readouts
-        n_components = 1 + 2 * n_layers + n_layers * n_heads
-        if req.convention == "split":
-            offset = (spec.ln_post.bias @ spec.proj)[None] - (mu / sigma)[:, None] * (spec.ln_post.weight @ spec.proj)[None]
-            share = offset / n_components  # [batch embed]
-        else:
-            share = torch.zeros_like(out["image_embedding"])
+        split = req.convention == "split"
+        if split:
+            share = offset / k_1  # [batch embed]: the embedding's, each MLP's and each attention layer's
+            # Each layer's out-projection bias (LayerScale included), folded: it lives inside the heads.
+            bias_terms = torch.stack([blk.ls_1 * blk.b_o for blk in spec.blocks]) @ p_fold  # [layer embed]
+            layer_terms = bias_terms[None] * inv_sigma[:, None] + share[:, None]  # [batch layer embed]
         if req.direct:
             z = torch.stack(z_cls, 1)  # [batch layer head e]
             heads = torch.einsum("blhe,lhed->blhd", z, readouts) * inv_sigma[:, None, None]
-            out["direct/heads"] = heads + share[:, None, None]
             cls_self = torch.einsum("blhe,lhed->bld", torch.stack(self_values, 1), readouts) * inv_sigma[:, None]
-            out["direct/cls_token"] = cls_self + (n_heads * share / n_tokens)[:, None]
-            out["direct/mlps"] = (torch.stack(mlp_cls, 1) @ p_fold) * inv_sigma[:, None] + share[:, None]
-            out["direct/embedding"] = (emb_cls @ p_fold) * inv_sigma + share
-            biases = torch.stack([blk.ls_1 * blk.b_o for blk in spec.blocks]).sum(0)
-            bias = (biases @ p_fold)[None] * inv_sigma + n_layers * share
-            if req.convention == "center":
-                bias = bias + (spec.ln_post.bias @ spec.proj)[None]
+            mlps = (torch.stack(mlp_cls, 1) @ p_fold) * inv_sigma[:, None]
+            embedding = (emb_cls @ p_fold) * inv_sigma
+            if split:
+                heads = heads + (layer_terms / n_heads)[:, :, None]
+                cls_self = cls_self + layer_terms / n_tokens  # Σ_h of the token-0 terms' 1/(H·T)
+                mlps = mlps + share[:, None]
+                embedding = embedding + share
+                bias = torch.zeros_like(embedding)
+            else:
+                biases = torch.stack([blk.ls_1 * blk.b_o for blk in spec.blocks]).sum(0)
+                bias = (biases @ p_fold)[None] * inv_sigma + (spec.ln_post.bias @ spec.proj)[None]
+            out["direct/heads"] = heads
+            out["direct/cls_token"] = cls_self
+            out["direct/mlps"] = mlps
+            out["direct/embedding"] = embedding
             out["direct/bias"] = bias
         if req.token_layers:
             terms = []
             for layer in req.token_layers:
                 cls_attn, v = tok_terms[layer]
                 t = torch.einsum("bht,bhte,hed->bhtd", cls_attn, v, readouts[layer]) * inv_sigma[:, None, None]
-                terms.append(t + (share / n_tokens)[:, None, None])
+                if split:
+                    t = t + (layer_terms[:, layer] / (n_heads * n_tokens))[:, None, None]
+                terms.append(t)
             out["direct/tokens"] = torch.stack(terms, 1)
     return out
 
 
-def _shared_value(block: BlockParams, cls_attn: Tensor, mean_t: Tensor, sigma_t: Tensor) -> Tensor:
-    """Neuron-independent part of one later layer's class-token attention output (split convention).
+def _shared_value(
+    block: BlockParams, index: int, source: BlockParams, cls_attn: Tensor, mean_t: Tensor, sigma_t: Tensor
+) -> Tensor:
+    """One neuron's neuron-independent part of later layer `index`'s class-token attention output
+    (split convention, DESIGN §3), the same for each of the N neurons of the `source` layer.
 
-    Under `split` a neuron's write enters ln_1 uncentred; what ln_1 adds for every neuron alike —
-    β − γ·μ_t/σ_t — and the value bias flow through the frozen attention like any other value.
-    Returned in the residual basis ([batch width]), before ln_post folding.
+    Per neuron, with s = 1/((1+2l')·N) (l' = `index`, 0-based): the source MLP's output bias enters
+    as ls₂⊙b_out/N at every token; ln₁ subtracts s·μ_t, scales by γ₁/σ_t and adds s·β₁; the value
+    adds s·b_V; the out-projection adds s·b_O/H per head (s·b_O over the H heads). These flow
+    through the frozen class-token attention row like any value (Σ_t A[0,t] = 1). Returned in the
+    residual basis ([batch width]), before ln_post folding (whose own shares the caller adds).
     """
-    ln_offset = block.ln_1.bias - block.ln_1.weight * (mean_t / sigma_t)[..., None]  # [batch token width]
-    attended = torch.einsum("bht,btw->bhw", cls_attn, ln_offset)
-    values = torch.einsum("bhw,hew->bhe", attended, block.w_v) + block.b_v  # Σ_t A = 1
-    return block.ls_1 * torch.einsum("bhe,hwe->bw", values, block.w_o)
+    s = 1.0 / (1 + 2 * index)  # the share of the embedding + 2l' components, times N (divided below)
+    n_neurons = source.w_out.shape[1]
+    inv_sigma = 1.0 / sigma_t  # [batch token]
+    a_inv_sigma = torch.einsum("bht,bt->bh", cls_attn, inv_sigma)  # Σ_t A[0,t]/σ_t
+    a_mu = torch.einsum("bht,bt->bh", cls_attn, mean_t * inv_sigma)  # Σ_t A[0,t]·μ_t/σ_t
+    gamma, beta = block.ln_1.weight, block.ln_1.bias
+    write = gamma * source.ls_2 * source.b_out  # the output bias's write at ln₁, before 1/σ_t
+    attended = (a_inv_sigma[..., None] * write + s * (beta - a_mu[..., None] * gamma)) / n_neurons  # [b h w]
+    values = torch.einsum("bhw,hew->bhe", attended, block.w_v) + s * block.b_v / n_neurons
+    out = torch.einsum("bhe,hwe->bw", values, block.w_o) + s * block.b_o / n_neurons
+    return block.ls_1 * out
 
 
 def second_order_directions(

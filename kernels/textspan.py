@@ -19,6 +19,13 @@ The picks equal the literal algorithm's whenever the top-r singular subspace is 
 C is rank-deficient or σ_r = σ_{r+1}, both pick an arbitrary basis of the tie and may differ.
 At most r picks exist (after r the projected texts are exhausted), so basis_size ≤ min(r, K, D).
 
+Span rank. The reference code's default r = 80 was made for ViT-H heads (width 80); a narrower
+head's C has a lower rank (a ViT-B head's ≤ 66), and the singular directions past it are float
+noise, which makes the picks change under noise of 1e-7 relative to the data. `span_rank="auto"`
+(the default) uses min(80, numerical rank of the statistics): the number of singular values of the
+uncentred C above `rank_rtol` (default 1e-5, far above float32 rounding, far below a real
+direction's share) times the largest. An integer is used literally (to reproduce the reference).
+
 Statistics are kept relative to a fixed per-dimension `shift` (any constant; a block's mean is a
 good choice) so that the centred covariance does not come from cancelling two huge numbers when
 the contributions have a large mean. With shift 0 the fields are the plain ΣC and ΣCᵀC.
@@ -34,7 +41,12 @@ from torch import Tensor
 
 from clipscope.errors import ConfigError, DataError
 
-DEFAULT_SPAN_RANK = 80
+REFERENCE_SPAN_RANK = 80
+"""The reference code's r (made for ViT-H heads, width 80)."""
+DEFAULT_SPAN_RANK = "auto"
+"""min(REFERENCE_SPAN_RANK, numerical rank of the head's statistics)."""
+DEFAULT_RANK_RTOL = 1e-5
+"""Relative tolerance on singular values (of the uncentred C) for the numerical rank."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,8 @@ class TextSpanResult:
     directions        basis rows divided by their norms (orthonormal)
     total_variance    trace(Σ_c) before any pick
     mean              mean contribution over images (add it back when reconstructing)
-    span_rank         number of singular directions actually used (min(r, K, D))
+    span_rank         number of singular directions actually used (`resolve_span_rank`: min(r, K, D),
+                      r = min(80, numerical rank) under "auto")
     """
 
     indices: Tensor
@@ -150,6 +163,35 @@ def merge_stats(a: TextSpanStats, b: TextSpanStats) -> TextSpanStats:
     return TextSpanStats(a.count + b.count, a.sum + b.sum, a.gram + b.gram, a.shift)
 
 
+def numerical_rank(stats: TextSpanStats, rtol: float = DEFAULT_RANK_RTOL) -> int:
+    """Number of singular values of the uncentred C greater than `rtol` times the largest (0 if C = 0)."""
+    if not isinstance(rtol, (int, float)) or isinstance(rtol, bool) or not 0 < rtol < 1:
+        raise ConfigError(f"rank_rtol must be a number in (0, 1), got {rtol!r}")
+    gram = stats.uncentred_gram()
+    eig = torch.linalg.eigvalsh(0.5 * (gram + gram.T)).clamp_min(0)
+    singular = eig.sqrt()
+    top = singular.max()
+    if not bool(top > 0):
+        return 0
+    return int((singular > rtol * top).sum())
+
+
+def resolve_span_rank(
+    stats: TextSpanStats, span_rank: int | str = DEFAULT_SPAN_RANK, rank_rtol: float = DEFAULT_RANK_RTOL
+) -> int:
+    """The number of singular directions TextSpan projects on: `"auto"` → min(80, numerical rank),
+    an integer → itself; both capped by the count of images and the embedding dimension."""
+    if span_rank == "auto":
+        rank = min(REFERENCE_SPAN_RANK, numerical_rank(stats, rank_rtol))
+        if rank < 1:
+            raise DataError("TextSpan: the head's contributions are all zero (numerical rank 0)")
+    elif isinstance(span_rank, int) and not isinstance(span_rank, bool) and span_rank >= 1:
+        rank = span_rank
+    else:
+        raise ConfigError(f"span_rank must be 'auto' or an integer ≥ 1, got {span_rank!r}")
+    return min(rank, stats.count, stats.dim)
+
+
 def span_basis(stats: TextSpanStats, span_rank: int) -> Float[Tensor, "embed rank"]:
     """Top-`span_rank` right singular vectors of the uncentred C (columns, by decreasing value)."""
     rank = min(span_rank, stats.count, stats.dim)
@@ -163,25 +205,27 @@ def textspan_from_stats(
     texts: Float[Tensor, "text embed"],
     *,
     basis_size: int,
-    span_rank: int = DEFAULT_SPAN_RANK,
+    span_rank: int | str = DEFAULT_SPAN_RANK,
+    rank_rtol: float = DEFAULT_RANK_RTOL,
 ) -> TextSpanResult:
     """Greedy TextSpan picks from the statistics of one head (see the module docstring).
 
+    `span_rank`: "auto" (min(80, numerical rank at `rank_rtol`)) or an integer used literally.
     Ties in the pick criterion go to the lowest text index; a text is never picked twice.
     """
     _check_rows("texts", texts)
     if texts.shape[1] != stats.dim:
         raise ConfigError(f"texts must have embed dim {stats.dim} like the statistics, got {texts.shape[1]}")
-    if not isinstance(span_rank, int) or span_rank < 1:
-        raise ConfigError(f"span_rank must be an integer ≥ 1, got {span_rank!r}")
-    rank = min(span_rank, stats.count, stats.dim)
+    if stats.count < 2:
+        raise DataError(f"TextSpan needs at least 2 images for a variance, got count={stats.count}")
+    rank = resolve_span_rank(stats, span_rank, rank_rtol)
     n_texts = texts.shape[0]
     if not isinstance(basis_size, int) or not 1 <= basis_size <= min(rank, n_texts):
         raise ConfigError(
             f"basis_size must be an integer in [1, min(span rank {rank}, texts {n_texts})], got {basis_size!r}"
         )
     cov = stats.covariance()
-    basis_vectors = span_basis(stats, span_rank)  # [D, r]
+    basis_vectors = span_basis(stats, rank)  # [D, r]
     r_coord = texts.to(cov) @ basis_vectors  # texts projected onto the span, in its coordinates
     cov_coord = basis_vectors.T @ cov @ basis_vectors
     cov_coord = 0.5 * (cov_coord + cov_coord.T)
@@ -236,38 +280,13 @@ def textspan(
     texts: Float[Tensor, "text embed"],
     *,
     basis_size: int,
-    span_rank: int = DEFAULT_SPAN_RANK,
+    span_rank: int | str = DEFAULT_SPAN_RANK,
+    rank_rtol: float = DEFAULT_RANK_RTOL,
 ) -> TextSpanResult:
     """TextSpan on an in-memory C (statistics with the mean as shift, then `textspan_from_stats`)."""
     _check_rows("contributions", contributions)
     shift = contributions.to(torch.float64).mean(dim=0)
     return textspan_from_stats(
-        textspan_stats(contributions, shift=shift), texts, basis_size=basis_size, span_rank=span_rank
+        textspan_stats(contributions, shift=shift), texts, basis_size=basis_size, span_rank=span_rank,
+        rank_rtol=rank_rtol,
     )
-
-
-def project_onto_basis(
-    contributions: Float[Tensor, "sample embed"],
-    basis: Float[Tensor, "pick embed"],
-    *,
-    mean: Float[Tensor, "embed"] | None = None,
-) -> Float[Tensor, "sample embed"]:
-    """Orthogonal projection of every row of C onto the span of `basis` rows.
-
-    With `mean`, rows are projected after centring and the mean is added back — the reference
-    "replace each head by its TextSpan reconstruction" experiment (mean + P(C − mean)). `basis`
-    need not be orthogonal; numerically dependent rows are dropped.
-    """
-    _check_rows("contributions", contributions)
-    _check_rows("basis", basis)
-    if basis.shape[1] != contributions.shape[1]:
-        raise ConfigError(
-            f"basis must have embed dim {contributions.shape[1]} like contributions, got {basis.shape[1]}"
-        )
-    _, sing, vh = torch.linalg.svd(basis.to(contributions.dtype), full_matrices=False)
-    tol = sing.max() * max(basis.shape) * torch.finfo(sing.dtype).eps
-    vh = vh[sing > tol]
-    if mean is None:
-        return (contributions @ vh.T) @ vh
-    centred = contributions - mean
-    return mean + (centred @ vh.T) @ vh

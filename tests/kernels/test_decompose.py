@@ -93,20 +93,29 @@ def _trace(model, images, source):
 
 
 def _brute_force_phi(model, captured, source, neurons, convention):
-    """Push each neuron's write e_t = p_t · ls₂ ⊙ w_out through the frozen later attention layers."""
+    """Push each neuron's write e_t = p_t · ls₂ ⊙ w_out through the frozen later attention layers.
+
+    Under `split` (DESIGN §3, l' 0-based, N neurons, H heads, s = 1/((1+2l')·N)) the neuron also
+    writes ls₂ ⊙ b_out/N; ln₁ subtracts s·μ_t and adds s·β₁; the value adds s·b_V, the out-projection
+    s·b_O/H per head; ln_post's mean and β enter with s/((1+2L)·H) per head."""
     visual = model.visual
     blocks = visual.transformer.resblocks
+    n_layers = len(blocks)
     ctr = (lambda v: v - v.mean(-1, keepdim=True)) if convention == "center" else (lambda v: v)
     src = blocks[source]
+    n_neurons = src.mlp.c_fc.out_features
     ls2 = src.ls_2.gamma if hasattr(src.ls_2, "gamma") else torch.ones(src.mlp.c_proj.out_features, dtype=captured["act"].dtype)
     final = captured["final"][:, 0]
+    mu_post = final.mean(-1, keepdim=True)
     sigma_post = torch.sqrt(final.var(-1, unbiased=False) + visual.ln_post.eps)
+    offset_post = (visual.ln_post.bias - visual.ln_post.weight * mu_post / sigma_post[:, None]) @ visual.proj
     results = []
     for n in neurons:
         write = ls2 * src.mlp.c_proj.weight[:, n]  # [width]
         total = 0
         shared = 0
-        for later in range(source + 1, len(blocks)):
+        post_share = 0
+        for later in range(source + 1, n_layers):
             blk = blocks[later]
             x_in = captured[("in", later)]
             mu_t = x_in.mean(-1, keepdim=True)
@@ -122,16 +131,18 @@ def _brute_force_phi(model, captured, source, neurons, convention):
             b_v = blk.attn.in_proj_bias[2 * width:].reshape(heads, hd)
             w_o = blk.attn.out_proj.weight.reshape(width, heads, hd)
             ls1 = blk.ls_1.gamma if hasattr(blk.ls_1, "gamma") else torch.ones(width, dtype=e.dtype)
+            s = 1.0 / ((1 + 2 * later) * n_neurons)
+            post_share = post_share + s / (1 + 2 * n_layers)
             for h in range(heads):
                 z = torch.einsum("bt,btw,ew->be", a_cls[:, h], lin, w_v[h])
                 total = total + ls1 * (z @ w_o[:, h].T)
-                offset = blk.ln_1.bias - blk.ln_1.weight * mu_t / sigma_t
-                z_shared = torch.einsum("bt,btw,ew->be", a_cls[:, h], offset, w_v[h]) + b_v[h]
-                shared = shared + ls1 * (z_shared @ w_o[:, h].T)
+                offset = s * (blk.ln_1.bias - blk.ln_1.weight * mu_t / sigma_t)
+                offset = offset + blk.ln_1.weight * ls2 * src.mlp.c_proj.bias / n_neurons / sigma_t
+                z_shared = torch.einsum("bt,btw,ew->be", a_cls[:, h], offset, w_v[h]) + s * b_v[h]
+                shared = shared + ls1 * (z_shared @ w_o[:, h].T + s * blk.attn.out_proj.bias / heads)
         phi = (visual.ln_post.weight * ctr(total) / sigma_post[:, None]) @ visual.proj
         if convention == "split":
-            n_neurons = src.mlp.c_fc.out_features
-            phi = phi + (visual.ln_post.weight * shared / sigma_post[:, None]) @ visual.proj / n_neurons
+            phi = phi + (visual.ln_post.weight * shared / sigma_post[:, None]) @ visual.proj + post_share * offset_post
         results.append(phi)
     return torch.stack(results, 1)  # [batch neuron embed]
 

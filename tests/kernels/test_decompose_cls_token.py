@@ -52,7 +52,7 @@ def test_cls_token_matches_attention_from_the_live_model(model_cache):
         final = captured["final"][:, 0]
         mu, sigma = final.mean(-1), torch.sqrt(final.var(-1, unbiased=False) + visual.ln_post.eps)
         n_layers, n_heads, width = spec.n_layers, spec.n_heads, spec.width
-        k = 1 + 2 * n_layers + n_layers * n_heads
+        k = 2 * n_layers + 1  # split: embedding, L MLPs, L attention layers (DESIGN §3)
         tokens = captured["y0"].shape[1]
         gamma, beta, proj = visual.ln_post.weight, visual.ln_post.bias, visual.proj
         expected = []
@@ -64,8 +64,10 @@ def test_cls_token_matches_attention_from_the_live_model(model_cache):
             v = v.reshape(*v.shape[:2], n_heads, -1)  # [batch token head e]
             per_head = weights[:, :, 0, 0, None] * v[:, 0]  # [batch head e]
             w_o = attn.out_proj.weight.reshape(width, n_heads, -1)  # [width head e]
-            c = torch.einsum("bhe,whe->bhw", per_head, w_o) * block.ls_1.gamma  # [batch head width]
-            share = n_heads / (k * tokens)
+            c = torch.einsum("bhe,whe->bhw", per_head, w_o)  # [batch head width]
+            # each (token 0, head) term carries b_O/(H·T) and the share 1/(K₁·H·T); Σ over heads:
+            c = (c + attn.out_proj.bias / (n_heads * tokens)) * block.ls_1.gamma
+            share = n_heads / (k * n_heads * tokens)
             centred = c.sum(1) - share * mu[:, None]
             expected.append((gamma * centred / sigma[:, None] + share * beta) @ proj)
         expected = torch.stack(expected, 1)
