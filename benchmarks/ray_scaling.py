@@ -30,6 +30,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
 
+from clipscope.cluster.executor import LocalExecutor, RayExecutor  # noqa: E402
 from clipscope.cluster.runtime import ray_runtime  # noqa: E402
 from clipscope.pipelines.jobs.extract.job import ShardExtractor, ShardTask, run_extract  # noqa: E402
 from clipscope.pipelines.jobs.extract.settings import ExtractConfig  # noqa: E402
@@ -96,8 +97,7 @@ def main() -> None:
             return ExtractConfig(data=tuple(paths), out=out, model=args.model, batch_size=args.batch,
                                  rows_per_chunk=args.rows_per_chunk, device="cpu", **extra)
 
-        # Ray is started once, before any timing; "address=auto" makes a 1-worker run use the Ray
-        # that is already up (a plain workers=1 run would stay in this process).
+        # Ray is started once, before any timing; every Ray mode reuses it.
         with ray_runtime(num_cpus=2, object_store_memory=1024 * 2**20):
             # Untimed warm-up in this process (first forward pass, allocator, page cache).
             run_extract(ExtractConfig(data=(paths[0],), out=os.path.join(tmp, "warm-up.zarr"), model=args.model,
@@ -115,20 +115,21 @@ def main() -> None:
             rows = int(store.read_valid().sum())
             n_blocks = len(row_blocks(store))
             reductions = {
-                "dataset_means": lambda use_ray: dataset_means(store, use_ray=use_ray, write=False),
+                "dataset_means": lambda executor: dataset_means(store, executor=executor, write=False),
                 f"head_statistics (layers {' '.join(map(str, args.stat_layers))})":
-                    lambda use_ray: head_statistics(store, args.stat_layers, use_ray=use_ray),
+                    lambda executor: head_statistics(store, args.stat_layers, executor=executor),
             }
-            # column -> (torch threads of this process, use_ray)
-            columns = {**{f"local {t} thr": (t, False) for t in thread_counts}, "ray tasks": (args.threads, True)}
+            # column -> (torch threads of this process, executor)
+            local, on_ray = LocalExecutor(progress="off"), RayExecutor(progress="off")
+            columns = {**{f"local {t} thr": (t, local) for t in thread_counts}, "ray tasks": (args.threads, on_ray)}
             reduce_seconds: dict[str, dict[str, float]] = {}
             for name, fn in reductions.items():
-                fn(False)  # warm-up: page cache, imports in the Ray workers
-                fn(True)
+                fn(local)  # warm-up: page cache, imports in the Ray workers
+                fn(on_ray)
                 reduce_seconds[name] = {}
-                for column, (threads, use_ray) in columns.items():
+                for column, (threads, executor) in columns.items():
                     torch.set_num_threads(threads)
-                    reduce_seconds[name][column] = best_seconds(lambda: fn(use_ray), args.rounds)
+                    reduce_seconds[name][column] = best_seconds(lambda: fn(executor), args.rounds)
 
     best = {mode: (min(r[0] for r in runs), min(r[1] for r in runs), runs[0][2]) for mode, runs in results.items()}
     base_e2e, base_phase, _ = next(iter(best.values()))

@@ -6,8 +6,7 @@ The repo's top-level folders are installed as subpackages:
 """
 
 from clipscope.errors import ClipscopeError
-
-__version__ = "0.1.0"
+from clipscope.version import __version__
 
 
 def import_open_clip():

@@ -211,7 +211,8 @@ class Progress:
             logger.info(format_snapshot(self.snapshot(), self.desc, self.unit))
 
     def _update_postfix(self) -> None:
-        self._bar.set_postfix(failed=self._tasks_failed, retried=self._retries, refresh=False)
+        if self._tasks_failed or self._retries:  # nothing to say while every task succeeds first time
+            self._bar.set_postfix(failed=self._tasks_failed, retried=self._retries, refresh=False)
 
     def __enter__(self) -> Progress:
         return self

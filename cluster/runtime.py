@@ -3,7 +3,8 @@
 ``ray_runtime()`` is the one entry point every job uses:
 
 - no address and no ``RAY_ADDRESS``: start an embedded local Ray sized to this machine (dashboard off,
-  worker logs not forwarded when ``quiet``) and shut it down on exit;
+  worker logs not forwarded when ``quiet``) and shut it down on exit; it is always a new instance of its
+  own (``ray.init(address="local")``), never a Ray that ``ray start`` left running on this machine;
 - ``address="auto"``, ``"ray://host:10001"``, ``"host:6379"`` or ``RAY_ADDRESS`` (what ``ray job submit``
   sets for its entrypoint): join that cluster and only disconnect on exit; the cluster keeps running;
 - Ray already initialised in this process (a test fixture, a caller that set Ray up itself): reuse it
@@ -79,6 +80,58 @@ def _import_ray():
     import ray
 
     return ray
+
+
+ADDRESS_FORMS = "auto, HOST:PORT or ray://HOST:10001"
+# How long a TCP connection to a cluster address may take before it counts as unreachable: Ray itself
+# retries an unreachable GCS for minutes before giving up.
+_REACH_TIMEOUT_S = 5.0
+
+
+def check_address(value: Any, name: str = "address") -> str:
+    """``value`` if it is a cluster address (``auto``, ``HOST:PORT`` or ``ray://HOST[:PORT]``), else
+    ConfigError naming ``name`` (the parameter, flag or environment variable it came from)."""
+    text = value.strip() if isinstance(value, str) else None
+    if not text:
+        raise ConfigError(f"{name} must be {ADDRESS_FORMS}, got {value!r}")
+    if text == "auto":
+        return text
+    if text.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must be {ADDRESS_FORMS}, got {value!r} (an http address is the job API, "
+                          "for `ray job submit --address`)")
+    rest = text[len("ray://"):] if text.startswith("ray://") else text
+    host, sep, port = rest.rpartition(":")
+    if text.startswith("ray://") and not sep:
+        host, port = rest, "10001"
+    if "://" in rest or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name} must be {ADDRESS_FORMS}, got {value!r}")
+    return text
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """Where a TCP connection must succeed for ``address`` to be reachable (None for ``auto``)."""
+    if address == "auto":
+        return None
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = rest.rpartition(":")
+    if not sep:
+        return rest, 10001
+    return host.strip("[]"), int(port)
+
+
+def _check_reachable(address: str) -> None:
+    target = _host_port(address)
+    if target is None:
+        return
+    import socket
+
+    try:
+        with socket.create_connection(target, timeout=_REACH_TIMEOUT_S):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} ({reason.lower()}); "
+                          "is `ray start --head` running there?") from None
 
 
 def _resolve_address(address: str | None) -> str | None:
@@ -222,7 +275,12 @@ def ray_runtime(
     if target is None:
         prepare_embedded_auth()
         with _quiet_ray_auth_notice(quiet):
+            # address="local": always a new instance of our own. Without it ray.init() attaches to a
+            # Ray already running on this machine (`ray start`, found through /tmp/ray/ray_current_cluster)
+            # and then refuses num_cpus ("When connecting to an existing cluster, num_cpus and num_gpus
+            # must not be provided").
             ray.init(
+                address="local",
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
                 object_store_memory=object_store_memory,
@@ -237,7 +295,15 @@ def ray_runtime(
             raise ConfigError(
                 f"{', '.join(given)} size an embedded local Ray only; got them with cluster address {target!r}"
             )
-        ray.init(address=target, **common)
+        target = check_address(target, "address" if address is not None else "RAY_ADDRESS")
+        _check_reachable(target)
+        try:
+            ray.init(address=target, **common)
+        except (ConnectionError, TimeoutError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if target == "auto" and "Could not find any running Ray instance" in reason:
+                reason = "no Ray is running on this machine; start one with `ray start --head` or pass HOST:PORT"
+            raise ConfigError(f"cannot join the Ray cluster at {target!r}: {reason}") from None
         info = RayRuntime(mode="cluster", address=target)
     try:
         yield info

@@ -16,7 +16,12 @@ most that many. Failure handling:
   them reruns alone on an idle actor; a task that was alone on a dead actor used one attempt, which
   bounds a task that kills every actor it runs on;
 - a task that has used ``max_attempts`` is reported through ``on_failure(task, last_error)`` and the
-  run goes on with the rest.
+  run goes on with the rest;
+- an error that says retrying cannot help (``retryable = False`` on its class, e.g. a shard whose
+  bytes are not a tar) fails the task at once; an `EnvironmentFault` (disk full, read-only store)
+  stops the whole run, since every other task would hit it too.
+
+The same policy (``MAX_ATTEMPTS``, `retry_decision`) serves tasks run in-process, without Ray.
 
 A task may therefore run more than once, possibly after a partial write; workers must write
 idempotently (same task → same rows), which the store's row ownership guarantees.
@@ -35,11 +40,22 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from clipscope.cluster.progress import Progress
-from clipscope.errors import ClipscopeError, ConfigError
+from clipscope.errors import ClipscopeError, ConfigError, EnvironmentFault
 
 logger = logging.getLogger(__name__)
 
 _ERROR_TEXT_LIMIT = 500
+# Attempts per task, on Ray and in-process alike.
+MAX_ATTEMPTS = 3
+
+
+def retry_decision(err: BaseException) -> str:
+    """What a task's exception means: ``"abort"`` the run, ``"fail"`` the task now, or ``"retry"``."""
+    if isinstance(err, EnvironmentFault):
+        return "abort"
+    if getattr(err, "retryable", True) is False:
+        return "fail"
+    return "retry"
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -351,6 +367,14 @@ class _ShardPool:
             slot.in_flight.remove((index, ref))
             self.in_flight_total -= 1
             self.suspects.discard(index)  # it raised and its actor lived: not an actor killer
+            cause = getattr(err, "cause", None)
+            decision = retry_decision(cause) if isinstance(cause, BaseException) else "retry"
+            if decision == "abort":
+                raise cause
+            if decision == "fail":
+                self.attempts[index] = self.max_attempts
+                self.give_up(index, _short(str(cause)))
+                return
             self.attempt_failed(index, _task_error_text(err), front=False)
             return
         except exceptions.RayError as err:
@@ -410,7 +434,7 @@ def run_shards(
     *,
     num_workers: int | None = None,
     use_gpu: bool = False,
-    max_attempts: int = 3,
+    max_attempts: int = MAX_ATTEMPTS,
     on_result: Callable[[Any, Any], None],
     on_failure: Callable[[Any, str], None],
     progress: Progress | None = None,

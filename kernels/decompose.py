@@ -24,7 +24,7 @@ of one [head e] × [head e embed] product per layer, so it needs no per-token st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,41 @@ from clipscope.errors import ConfigError, ModelError
 from clipscope.kernels.vit import BlockParams, LayerNormParams, ViTSpec, check_layers
 
 CONVENTIONS = ("split", "center")
+
+
+@dataclass(frozen=True)
+class DirectEffects:
+    """The direct effects of every component on the image embedding (DESIGN §3), folded through ln_post.
+
+    embedding + Σ mlps + Σ heads + bias = the image embedding; cls_token[:, l] is the class token
+    attended from itself in layer l (token 0 of the per-token terms, summed over heads), part of heads.
+    """
+
+    embedding: Float[Tensor, "sample embed"]
+    mlps: Float[Tensor, "sample layer embed"]
+    heads: Float[Tensor, "sample layer head embed"]
+    bias: Float[Tensor, "sample embed"]
+    cls_token: Float[Tensor, "sample layer embed"]
+
+
+@dataclass(frozen=True)
+class SecondOrderTerms:
+    """Second-order terms of one source layer's neurons: q (1/σ_post included) and, under `split`,
+    the neuron-independent shared term."""
+
+    weights: Float[Tensor, "sample later_layer head neuron"]
+    shared: Float[Tensor, "sample embed"] | None
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """What one `decompose` forward returns; the fields a request did not ask for are None / empty."""
+
+    image_embedding: Float[Tensor, "sample embed"]
+    direct: DirectEffects | None = None
+    tokens: Float[Tensor, "sample token_layer head token embed"] | None = None
+    second_order: dict[int, SecondOrderTerms] = field(default_factory=dict)
+    activations: dict[int, Float[Tensor, "sample token neuron"]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -157,18 +192,13 @@ def decompose(
     request: DecomposeRequest = DecomposeRequest(),
     *,
     fold: Folding | None = None,
-) -> dict[str, Tensor]:
-    """Forward `images` and return the requested terms, keyed by their store array names.
+) -> Decomposition:
+    """Forward `images` and return the requested terms as a `Decomposition`.
 
-    Always: ``image_embedding`` [batch embed] (= the model's ``encode_image``).
-    direct: ``direct/embedding`` [batch embed], ``direct/mlps`` [batch layer embed],
-      ``direct/heads`` [batch layer head embed], ``direct/bias`` [batch embed];
-      embedding + Σ mlps + Σ heads + bias = image_embedding; ``direct/cls_token`` [batch layer embed]
-      (the class token attended from itself: token 0 of the per-token terms, summed over heads).
-    token_layers: ``direct/tokens`` [batch token_layer head token embed] (sums over tokens to heads).
-    second_order_layers: ``second_order/layer_{l}/weights`` [batch later_layer head neuron] (q of
-      DESIGN §3, 1/σ_post included) and, for `split`, ``second_order/layer_{l}/shared`` [batch embed].
-    activation_layers: ``activations/layer_{l}`` [batch token neuron] (post-activation MLP values).
+    Always: ``image_embedding`` (= the model's ``encode_image``). direct: `DirectEffects`.
+    token_layers: ``tokens`` [sample token_layer head token embed] (sums over tokens to the heads).
+    second_order_layers: ``second_order[l]`` (q of DESIGN §3, 1/σ_post included, and the `split`
+    shared term). activation_layers: ``activations[l]`` (post-activation MLP values).
     """
     req = request.validated(spec)
     if fold is not None and fold.convention != req.convention:
@@ -180,10 +210,13 @@ def decompose(
         return _decompose(spec, images.to(spec.dtype), req, fold)
 
 
-def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Folding | None) -> dict[str, Tensor]:
+def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Folding | None) -> Decomposition:
     n_layers, n_heads = spec.n_layers, spec.n_heads
     first_source = req.second_order_layers[0] if req.second_order_layers else n_layers
-    out: dict[str, Tensor] = {}
+    activations: dict[int, Tensor] = {}
+    second_order: dict[int, SecondOrderTerms] = {}
+    direct: DirectEffects | None = None
+    tokens: Tensor | None = None
 
     x = embed(spec, images)
     n_tokens = x.shape[1]
@@ -222,11 +255,11 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Foldi
         if index in req.second_order_layers:
             sources[index] = hidden
         if index in req.activation_layers:
-            out[f"activations/layer_{index}"] = hidden
+            activations[index] = hidden
         x = x + block.ls_2 * mlp
 
     final = x[:, 0]
-    out["image_embedding"] = layer_norm(spec.ln_post, final) @ spec.proj
+    image_embedding = layer_norm(spec.ln_post, final) @ spec.proj
     mu, sigma = layer_norm_stats(spec.ln_post, final)  # [batch]
     inv_sigma = (1.0 / sigma)[:, None]
 
@@ -235,13 +268,15 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Foldi
     k_1 = 2 * n_layers + 1  # split: the embedding, L MLPs and L attention layers
 
     for source in req.second_order_layers:
-        out[f"second_order/layer_{source}/weights"] = torch.stack(q_parts[source], 1) * inv_sigma[:, :, None, None]
+        weights = torch.stack(q_parts[source], 1) * inv_sigma[:, :, None, None]
+        shared = None
         if req.convention == "split":
             p_fold = folded_projection(spec, "split")
             total = torch.stack(shared_parts[source], 0).sum(0)  # [batch width]
             # Σ over later layers l' and heads h of ln_post's share 1/((1+2l')·k_1·H·N) per (l', h, n).
             post_share = sum(1.0 / (1 + 2 * later) for later in range(source + 1, n_layers)) / (k_1 * spec.mlp_width)
-            out[f"second_order/layer_{source}/shared"] = (total @ p_fold) * inv_sigma + post_share * offset
+            shared = (total @ p_fold) * inv_sigma + post_share * offset
+        second_order[source] = SecondOrderTerms(weights, shared)
 
     if req.direct or req.token_layers:
         p_fold, readouts = fold.p_fold, fold.readouts
@@ -266,11 +301,7 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Foldi
             else:
                 biases = torch.stack([blk.ls_1 * blk.b_o for blk in spec.blocks]).sum(0)
                 bias = (biases @ p_fold)[None] * inv_sigma + (spec.ln_post.bias @ spec.proj)[None]
-            out["direct/heads"] = heads
-            out["direct/cls_token"] = cls_self
-            out["direct/mlps"] = mlps
-            out["direct/embedding"] = embedding
-            out["direct/bias"] = bias
+            direct = DirectEffects(embedding=embedding, mlps=mlps, heads=heads, bias=bias, cls_token=cls_self)
         if req.token_layers:
             terms = []
             for layer in req.token_layers:
@@ -279,8 +310,8 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Foldi
                 if split:
                     t = t + (layer_terms[:, layer] / (n_heads * n_tokens))[:, None, None]
                 terms.append(t)
-            out["direct/tokens"] = torch.stack(terms, 1)
-    return out
+            tokens = torch.stack(terms, 1)
+    return Decomposition(image_embedding, direct, tokens, second_order, activations)
 
 
 def _shared_value(

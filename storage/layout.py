@@ -20,8 +20,27 @@ import numpy as np
 
 from clipscope.errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Version of the store layout written into the group attribute ``clipscope_schema_version``."""
+
+SCHEMA_CHANGES = {
+    2: "the `split` ln_post convention of direct/* and second_order/*/shared became the reference code's, "
+       "term for term",
+}
+"""Why each version broke the one before: readers name it when they refuse an older store."""
+
+
+def schema_mismatch_message(url: str, version: object) -> str:
+    """The one-line refusal of a store written under another schema version, saying how to re-extract."""
+    if _is_int(version) and version < SCHEMA_VERSION:
+        later = range(int(version) + 1, SCHEMA_VERSION + 1)
+        changes = "; ".join(SCHEMA_CHANGES[v] for v in later if v in SCHEMA_CHANGES)
+        why = f" (since then {changes})" if changes else ""
+        return (f"{url} has store schema version {version}, this clipscope reads version {SCHEMA_VERSION}{why}: "
+                f"re-extract it by running `clipscope extract` again with the same inputs into a new --out store")
+    return (f"{url} has store schema version {version!r}, this clipscope reads version {SCHEMA_VERSION}: "
+            f"it was written by another clipscope; read it with that version or re-extract with `clipscope extract`")
+
 
 SCHEMA_ATTR = "clipscope_schema_version"
 PER_SAMPLE_ATTR = "clipscope_per_sample"

@@ -17,7 +17,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from clipscope.errors import ConfigError
+from clipscope.errors import ConfigError, EnvironmentFault
 
 
 def is_url(url: str) -> bool:
@@ -85,6 +85,7 @@ class Location:
         if self.is_local_path:
             self._fs, self._root = LocalFileSystem(), self.url
         else:
+            require_protocol(self.url)
             self._fs, self._root = fsspec.core.url_to_fs(self.url, **self._fsspec_options())
 
     @property
@@ -176,3 +177,42 @@ class Location:
             if name and str(entry).rstrip("/") != folder.rstrip("/"):
                 names.append(name)
         return sorted(names)
+
+
+def require_protocol(url: str, what: str = "store") -> None:
+    """ConfigError naming the URL and the package to install when fsspec cannot handle its scheme."""
+    if not is_url(url):
+        return
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as err:
+        raise ConfigError(f"{what} {url}: {err} (install it into clipscope's environment)") from None
+    except ValueError:
+        raise ConfigError(f"{what} {url}: fsspec knows no {protocol}:// file system") from None
+
+
+def check_writable_target(url: str, flag: str, *, folder: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written: a file where a folder is
+    needed (or the reverse), a missing parent folder (files only), a read-only file system or no
+    write permission (`EnvironmentFault`), a URL whose file system package is missing."""
+    if is_url(url):
+        require_protocol(url, flag)
+        return
+    path = os.path.abspath(os.path.expanduser(url))
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a file; it must name a folder (new or existing)")
+    if not folder and os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a folder; it must name a file")
+    parent = os.path.dirname(path)
+    if not folder and not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path}: its folder does not exist; create {parent} first")
+    existing = path if folder and os.path.exists(path) else parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {path}: {existing} is a file, not a folder")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise EnvironmentFault(f"{flag} {path}: the file system of {existing} is read-only; write elsewhere")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EnvironmentFault(f"{flag} {path}: no permission to write in {existing}; fix it or write elsewhere")

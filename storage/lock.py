@@ -31,6 +31,8 @@ from clipscope.errors import ConfigError, StoreError
 from clipscope.storage.location import Location
 
 LOCK_FILE = "lock.json"
+# A lock of another host whose heartbeat is older than this is taken over (and shown "stale").
+STALE_AFTER_S = 600.0
 log = logging.getLogger(__name__)
 
 
@@ -135,6 +137,25 @@ class StoreLock:
                 self.location.remove(LOCK_FILE)
 
 
+def current_token(location: Location) -> str | None:
+    """The token of the lock now on a store (None when there is none)."""
+    rec = _read_lock(location)
+    return None if rec is None else rec.get("token")
+
+
+def writer_gone(location: Location, token: str, stale_after_s: float = STALE_AFTER_S) -> str | None:
+    """None while the lock holding ``token`` is on the store and its owner lives, else why not.
+
+    Workers (Ray actors) that write for a lock holder call this before each write, so that they
+    stop when their driver died or another run took the store over."""
+    rec = _read_lock(location)
+    if rec is None:
+        return "the store's lock is gone"
+    if rec.get("token") != token:
+        return f"another writer took the store's lock over ({_describe(rec, time.time())})"
+    return _judge(rec, stale_after_s, time.time())
+
+
 def _encode(rec: dict[str, Any]) -> bytes:
     return json.dumps(rec, sort_keys=True).encode()
 
@@ -199,7 +220,7 @@ def acquire_lock(
     storage_options: dict[str, Any] | None = None,
     *,
     owner: str | None = None,
-    stale_after_s: float = 600.0,
+    stale_after_s: float = STALE_AFTER_S,
     heartbeat_every_s: float | None = None,
 ) -> Iterator[StoreLock]:
     """Hold the writer lock of a store for the duration of the ``with`` block.
@@ -240,8 +261,8 @@ def acquire_lock(
                 f"wait for it to finish, or delete {location.child_url(LOCK_FILE)} if you are sure it is dead"
             )
         message = f"taking over the lock of {location.url} from {_describe(existing, time.time())}: {reason}"
+        # One report: a warning (the CLI prints it as one line), not also a log record.
         warnings.warn(message, StaleLockWarning, stacklevel=3)
-        log.warning(message)
         _remove_stale(location, existing)
     else:
         raise StoreError(f"could not acquire the lock of {location.url}: other writers keep racing for it")

@@ -114,6 +114,17 @@ def shard_records(store: RunStore, *, stage: str = "extract") -> dict[int, dict[
     return dict(sorted(records.items()))
 
 
+def done_indices(store: RunStore, *, stage: str = "extract") -> set[int]:
+    """Indices of the shards with a done record (from the folder listing alone, no record is read)."""
+    stage = _check_stage(stage)
+    found = set()
+    for name in store.location.list_names(MANIFEST_DIR, stage):
+        match = _FILE.match(name)
+        if match and match.group(1) == "done":
+            found.add(int(match.group(2)))
+    return found
+
+
 def manifest_stages(store: RunStore) -> list[str]:
     """Stages that have a manifest folder."""
     return [s for s in store.location.list_names(MANIFEST_DIR) if _STAGE.match(s)]

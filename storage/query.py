@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,23 +30,69 @@ def open_run(url: str, storage_options: dict[str, Any] | None = None) -> RunStor
     return RunStore.open(url, mode="r", storage_options=storage_options)
 
 
-def open_xarray(url: str, group: str = "", storage_options: dict[str, Any] | None = None):
+def open_xarray(url: str, group: str = "", storage_options: dict[str, Any] | None = None, *,
+                valid_only: bool = True, coords: bool = True):
     """``xarray.Dataset`` of one group of a store (``""`` root, ``"direct"``, ``"second_order/layer_3"``…).
 
-    Thin wrapper over ``xarray.open_zarr`` that passes storage options and silences zarr's warning
-    about the store's non-zarr files. xarray is an optional dependency.
+    Over ``xarray.open_zarr`` (lazy, dask-backed) it passes storage options, silences zarr's warning
+    about the store's non-zarr files, and
+
+    * ``coords``: labels every indexed dim — ``sample`` by row number with a ``key`` coordinate (the
+      webdataset key, "" for padding rows), ``layer`` / ``token_layer`` / ``later_layer`` by their real
+      0-based layer numbers (from the store's ``layers`` attribute), and ``head``, ``neuron``,
+      ``token``, ``embed``… by 0…n−1;
+    * ``valid_only``: keeps only the rows that hold a decoded sample (``valid``), dropping padding
+      rows (each shard's rows are rounded up to whole chunks) and undecodable images.
+
+    The store keeps no consolidated metadata (results are added by later jobs, so it would go stale):
+    plain ``xarray.open_zarr`` needs ``consolidated=False``, else it warns and falls back. xarray is an
+    optional dependency.
     """
     import xarray as xr
 
     location = Location(url, storage_options)
     with quiet_foreign_objects():
-        return xr.open_zarr(
+        ds = xr.open_zarr(
             location.url,
             group=group or None,
             consolidated=False,
             zarr_format=3,
             storage_options=location.storage_options,
         )
+    if not (coords or valid_only) or not ds.sizes:
+        return ds
+    store = RunStore.open(url, mode="r", storage_options=storage_options)
+    if coords:
+        ds = ds.assign_coords(_xarray_coords(store, group, dict(ds.sizes)))
+        names = [tuple(v.attrs.get("ablations") or ()) for v in ds.data_vars.values() if "ablation" in v.dims]
+        if names and len(names[0]) == ds.sizes["ablation"]:
+            ds = ds.assign_coords(ablation=list(names[0]))  # evaluation tables: rows by ablation name
+    if valid_only and SAMPLE_DIM in ds.sizes:
+        ds = ds.isel({SAMPLE_DIM: np.flatnonzero(store.read_valid())})
+    return ds
+
+
+def _xarray_coords(store: RunStore, group: str, sizes: dict[str, int]) -> dict[str, Any]:
+    """Coordinates of `open_xarray`: real layer numbers, row numbers and sample keys, else 0…n−1."""
+    import re
+
+    layers = store.attrs.get("layers") or {}
+    known: dict[str, Any] = {"layer": layers.get("heads"), "token_layer": layers.get("tokens")}
+    found = re.search(r"layer_(\d+)", group)
+    if found:
+        later = layers.get("second_order") or {}
+        known["later_layer"] = later.get(found.group(1), later.get(int(found.group(1))))
+    out: dict[str, Any] = {}
+    for dim, size in sizes.items():
+        values = known.get(dim)
+        out[dim] = np.asarray(values, np.int64) if values is not None and len(values) == size else np.arange(size)
+    if SAMPLE_DIM in sizes:
+        keys = np.full(sizes[SAMPLE_DIM], "", dtype=object)
+        samples = read_samples(store)
+        if samples.num_rows:
+            keys[np.asarray(samples["row"].to_numpy())] = np.asarray(samples["key"].to_pylist(), dtype=object)
+        out["key"] = (SAMPLE_DIM, keys.astype(str))
+    return out
 
 
 def _check_rows(store: RunStore, rows: Sequence[int] | np.ndarray | int) -> np.ndarray:
@@ -162,6 +209,25 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _inside(url: str, folder: str) -> bool:
+    return url == folder or url.startswith(folder.rstrip("/") + "/")
+
+
+def _check_export_destination(store: RunStore, out: Location, overwrite: bool) -> None:
+    if _inside(out.url, store.url):
+        raise ConfigError(f"export destination {out.url} is inside the run store {store.url}; export outside it")
+    if out.is_local_path:
+        folder = os.path.dirname(out.url)
+        while folder and folder != os.path.dirname(folder):
+            if os.path.isfile(os.path.join(folder, "zarr.json")):
+                raise ConfigError(f"export destination {out.url} is inside the zarr store {folder}; export outside it")
+            folder = os.path.dirname(folder)
+    if out.fs.exists(out.root) and not overwrite:
+        is_empty_folder = out.fs.isdir(out.root) and not out.fs.ls(out.root)
+        if not is_empty_folder:
+            raise ConfigError(f"export destination {out.url} exists; pass --overwrite to replace it")
+
+
 def export_rows(
     store: RunStore,
     rows: Sequence[int] | np.ndarray,
@@ -170,6 +236,7 @@ def export_rows(
     *,
     format: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Export the given rows of chosen per-sample arrays; returns the destination.
 
@@ -178,13 +245,17 @@ def export_rows(
       the tensor type carries the dim names);
     * ``npy`` (any other dest, a folder): ``rows.npy``, one ``<path with / as __>.npy`` per array and
       ``index.json`` mapping array names to files and dims.
+
+    An existing destination is refused unless ``overwrite``; a destination inside a run store
+    (this one or another) always is.
     """
     fmt = format or ("parquet" if dest.endswith(".parquet") else "npy")
     if fmt not in ("parquet", "npy"):
         raise ConfigError(f"format must be 'parquet' or 'npy', got {fmt!r}")
+    out = Location(dest, storage_options)
+    _check_export_destination(store, out, overwrite)
     rows = _check_rows(store, rows)
     data = read_rows(store, rows, names)
-    out = Location(dest, storage_options)
     if fmt == "npy":
         index: dict[str, Any] = {"rows": "rows.npy", "store": store.url, "arrays": {}}
         out.write_bytes_atomic(_npy_bytes(rows), "rows.npy")

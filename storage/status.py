@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
 import numpy as np
 
 from clipscope.storage.layout import SCHEMA_ATTR
-from clipscope.storage.lock import _read_lock
+from clipscope.storage.lock import STALE_AFTER_S, _judge, _read_lock
 from clipscope.storage.manifest import manifest_stages, shard_records
 from clipscope.storage.sample_index import read_samples
 from clipscope.storage.store import RunStore
@@ -17,7 +18,7 @@ _SKIP_ATTRS = {SCHEMA_ATTR, "n_rows", "rows_per_chunk", "shards"}
 
 
 def _summarise_attrs(attrs: dict[str, Any], prefix: str = "", depth: int = 0) -> dict[str, Any]:
-    """Scalar attributes flattened to dotted keys (two levels deep); lists shown by their length."""
+    """Attributes flattened to dotted keys (two levels deep); lists kept whole."""
     out: dict[str, Any] = {}
     for key, value in attrs.items():
         if not prefix and key in _SKIP_ATTRS:
@@ -27,7 +28,7 @@ def _summarise_attrs(attrs: dict[str, Any], prefix: str = "", depth: int = 0) ->
             if depth < 2:
                 out.update(_summarise_attrs(value, name + ".", depth + 1))
         elif isinstance(value, list):
-            out[name] = f"[{len(value)} items]"
+            out[name] = list(value)
         else:
             out[name] = value
     return out
@@ -51,8 +52,35 @@ def _stored_bytes(store: RunStore, name: str) -> tuple[int, int]:
     return total, count
 
 
-def store_status(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Shards done/failed/pending per stage, samples and errors, valid rows, config summary, bytes."""
+def verify_rows(store: RunStore, stage: str = "extract") -> dict[str, Any]:
+    """Recompute the row checksum of every done shard that recorded one; list the ones that differ.
+
+    A corrupted chunk (bytes changed on disk, or no longer decodable) makes its shard's checksum
+    differ; each entry names the shard, its rows and its chunks along ``sample``.
+    """
+    checked, corrupt = 0, []
+    for index, record in shard_records(store, stage=stage).items():
+        if record.get("status") != "done" or not {"start", "capacity", "checksum"} <= set(record):
+            continue
+        start, capacity = int(record["start"]), int(record["capacity"])
+        if capacity == 0:
+            continue
+        checked += 1
+        try:
+            same = store.rows_checksum(start, capacity) == record["checksum"]
+            problem = "rows differ from their recorded checksum"
+        except Exception as err:  # noqa: BLE001 - a chunk that no longer decodes is corruption too
+            same, problem = False, f"rows cannot be read: {type(err).__name__}: {err}"
+        if not same:
+            rpc = store.rows_per_chunk
+            corrupt.append({"index": index, "url": record.get("url"), "rows": [start, start + capacity],
+                            "chunks": [start // rpc, (start + capacity - 1) // rpc], "problem": problem})
+    return {"stage": stage, "checked": checked, "corrupt": corrupt}
+
+
+def store_status(url: str, storage_options: dict[str, Any] | None = None, *, verify: bool = False) -> dict[str, Any]:
+    """Shards done/failed/pending per stage, samples and errors, valid rows, config summary, bytes;
+    with ``verify``, every done shard's rows checked against their recorded checksum."""
     store = RunStore.open(url, mode="r", storage_options=storage_options)
     attrs = store.attrs
     shard_urls = attrs.get("shards") if isinstance(attrs.get("shards"), list) else None
@@ -69,10 +97,20 @@ def store_status(url: str, storage_options: dict[str, Any] | None = None) -> dic
         pending = None
         if shard_urls is not None:
             pending = [i for i in range(len(shard_urls)) if i not in records]
+        # Done shards that were not read whole (truncated tar, stale counts): samples lost and why.
+        partial = [
+            {"index": i, "url": records[i].get("url"), "samples_lost": records[i].get("lost"),
+             "reason": "; ".join(records[i]["shard_errors"])}
+            for i in done
+            if records[i].get("shard_errors")
+        ]
         stages[stage] = {
             "done": len(done),
             "failed": failed,
             "pending": pending,
+            "partial": partial,
+            "samples_lost": sum(p["samples_lost"] or 0 for p in partial),
+            "samples_lost_unknown": sum(p["samples_lost"] is None for p in partial),
             "samples_done": sum(int(records[i].get("count", 0)) for i in done),
             "seconds": sum(float(records[i].get("seconds", 0.0)) for i in done),
         }
@@ -107,10 +145,42 @@ def store_status(url: str, storage_options: dict[str, Any] | None = None) -> dic
         "valid_rows": int(valid.sum()),
         "invalid_rows": int(valid.size - valid.sum()),
         "config": _summarise_attrs(attrs),
+        "model": attrs.get("model"),
+        "random_init": _random_init(attrs.get("model")),
         "arrays": arrays,
         "stored_bytes": sum(a["stored_bytes"] for a in arrays.values()),
-        "lock": None if lock is None else {k: lock.get(k) for k in ("host", "pid", "owner", "heartbeat")},
+        "lock": None if lock is None else _lock_status(lock),
+        "verify": verify_rows(store) if verify else None,
     }
+
+
+def _random_init(model: dict[str, Any] | None) -> bool:
+    """The store was extracted from never-trained weights (`--pretrained none` on an architecture name)."""
+    if not model:
+        return False
+    return (str(model.get("pretrained", "none")).lower() in ("none", "")
+            and not str(model.get("name", "")).startswith(("hf-hub:", "local-dir:")))
+
+
+def _show(value: Any, limit: int = 6) -> str:
+    """A config value as text: lists joined (the first `limit` items and the count when longer)."""
+    if isinstance(value, list):
+        if not value:
+            return "(none)"
+        if not all(isinstance(v, (str, int, float, bool)) or v is None for v in value):
+            return f"{len(value)} entries (all of them in --json)"
+        shown = ", ".join(map(str, value[:limit]))
+        return f"{shown}, … ({len(value)} items)" if len(value) > limit else shown
+    return str(value)
+
+
+def _lock_status(lock: dict[str, Any]) -> dict[str, Any]:
+    """The lock's owner and whether it is ``held`` (a live owner) or ``stale`` (the next writer takes it)."""
+    out = {k: lock.get(k) for k in ("host", "pid", "owner", "heartbeat")}
+    why = "the lock file is corrupt" if lock.get("corrupt") else _judge(lock, STALE_AFTER_S, time.time())
+    out["state"] = "held" if why is None else "stale"
+    out["stale_reason"] = why
+    return out
 
 
 def _human(n: float) -> str:
@@ -136,8 +206,18 @@ def format_status(d: dict[str, Any], *, max_errors: int = 10) -> str:
         f"{d['invalid_rows']} invalid or padding"
     )
     out.append(f"samples    {d['samples']} indexed, {d['sample_errors']} with errors")
+    model = d.get("model") or {}
+    if model:
+        weights = model.get("pretrained")
+        out.append(f"model      {model.get('name')}, weights {weights}"
+                   + ("  — RANDOM INIT: never trained; results describe noise" if d.get("random_init") else ""))
     if d["lock"]:
-        out.append(f"lock       held by host {d['lock']['host']!r} pid {d['lock']['pid']} ({d['lock']['owner']})")
+        lock = d["lock"]
+        if lock.get("state") == "stale":
+            out.append(f"lock       stale: left by host {lock['host']!r} pid {lock['pid']} ({lock['owner']}); "
+                       f"{lock['stale_reason']}; the next writer takes it over")
+        else:
+            out.append(f"lock       held by host {lock['host']!r} pid {lock['pid']} ({lock['owner']})")
     out.append("")
     rows = []
     for stage, s in d["stages"].items():
@@ -145,9 +225,24 @@ def format_status(d: dict[str, Any], *, max_errors: int = 10) -> str:
         rows.append([stage, f"{s['done']}" + (f"/{total}" if total is not None else ""),
                      str(len(s["failed"])), pending, str(s["samples_done"]), f"{s['seconds']:.1f}"])
     out += _table(["stage", "done", "failed", "pending", "samples", "seconds"], rows)
+    if d.get("verify"):
+        v = d["verify"]
+        out.append(f"  verify: {v['checked']} done shard(s) checked, {len(v['corrupt'])} corrupted")
+        for c in v["corrupt"][:max_errors]:
+            out.append(f"  corrupted {v['stage']} shard {c['index']} {c['url']}: rows {c['rows'][0]}–{c['rows'][1] - 1} "
+                       f"(chunks {c['chunks'][0]}–{c['chunks'][1]}): {c['problem']}")
     failures = [(stage, f) for stage, s in d["stages"].items() for f in s["failed"]]
     for stage, f in failures[:max_errors]:
         out.append(f"  failed {stage} shard {f['index']} {f['url']}: {f['error']}")
+    partial = [(stage, p) for stage, s in d["stages"].items() for p in s.get("partial", [])]
+    if partial:
+        lost = sum(s.get("samples_lost", 0) for s in d["stages"].values())
+        unknown = sum(s.get("samples_lost_unknown", 0) for s in d["stages"].values())
+        out.append(f"  {len(partial)} done shard(s) not read whole: {lost} samples lost"
+                   + (f", plus an unknown number in {unknown} truncated shard(s)" if unknown else ""))
+    for stage, p in partial[:max_errors]:
+        lost = "an unknown number of samples" if p["samples_lost"] is None else f"{p['samples_lost']} sample(s)"
+        out.append(f"  partial {stage} shard {p['index']} {p['url']}: {lost} lost: {p['reason']}")
     if d["error_counts"]:
         out.append("")
         out += _table(["sample error", "count"],
@@ -161,5 +256,5 @@ def format_status(d: dict[str, Any], *, max_errors: int = 10) -> str:
     out.append(f"total stored {_human(d['stored_bytes'])}")
     if d["config"]:
         out.append("")
-        out += _table(["config", "value"], [[k, str(v)[:80]] for k, v in d["config"].items()])
+        out += _table(["config", "value"], [[k, _show(v)[:100]] for k, v in d["config"].items()])
     return "\n".join(out)

@@ -35,6 +35,7 @@ from clipscope.storage.layout import (
     ArraySpec,
     _is_int,
     check_dims_consistent,
+    schema_mismatch_message,
     validate_array_name,
     validate_dtype,
 )
@@ -42,6 +43,11 @@ from clipscope.storage.location import Location
 
 RESERVED_ATTRS = (SCHEMA_ATTR, "n_rows", "rows_per_chunk")
 _MODES = ("r", "r+")
+
+INCOMPLETE_ATTR = "clipscope_incomplete"
+"""Set (true) on a result group or array while it is being written and dropped last: readers of the
+store (``array_names``, ``array``, ``read_result``) do not see an array that carries it or that lies
+under a group that carries it, so a writer killed at any point leaves the result complete or absent."""
 
 
 @contextlib.contextmanager
@@ -79,6 +85,8 @@ class RunStore:
         self._attrs: dict[str, Any] | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._names: list[str] | None = None
+        self._complete_groups: dict[str, bool] = {}
+        self._done_rows: np.ndarray | None = None
 
     # --- construction -----------------------------------------------------------------------------
 
@@ -214,6 +222,13 @@ class RunStore:
         return json.loads(json.dumps(self._cached_attrs()))
 
     @property
+    def info(self):
+        """The typed run metadata (``storage.schema.RunInfo``) of the group attributes."""
+        from clipscope.storage.schema import RunInfo
+
+        return RunInfo.from_attrs(self._cached_attrs())
+
+    @property
     def n_rows(self) -> int:
         return int(self._cached_attrs()["n_rows"])
 
@@ -225,8 +240,13 @@ class RunStore:
         """Sorted paths of the arrays in the store (``valid`` included); filter by per-sample-ness."""
         if self._names is None:
             with quiet_foreign_objects():
-                members = self._group().members(max_depth=None)
-            self._names = sorted(name for name, node in members if isinstance(node, zarr.Array))
+                members = list(self._group().members(max_depth=None))
+            hidden = [name for name, node in members if node.attrs.get(INCOMPLETE_ATTR)]
+            self._names = sorted(
+                name for name, node in members
+                if isinstance(node, zarr.Array)
+                and not any(name == h or name.startswith(h + "/") for h in hidden)
+            )
         if per_sample is None:
             return list(self._names)
         return [n for n in self._names if self.is_per_sample(n) == per_sample]
@@ -242,11 +262,35 @@ class RunStore:
                     node = self._group()[name]
             except KeyError:
                 node = None
-            if not isinstance(node, zarr.Array):
+            if not isinstance(node, zarr.Array) or self._is_hidden(name, node):
                 known = ", ".join(self.array_names())
                 raise StoreError(f"no array {name!r} in run store {self.url} (arrays: {known})")
             self._arrays[name] = node
         return self._arrays[name]
+
+    def _is_hidden(self, name: str, node: zarr.Array) -> bool:
+        """True while ``name`` or a group above it is being written (or its group is gone)."""
+        if node.attrs.get(INCOMPLETE_ATTR):
+            return True
+        parts = name.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            path = "/".join(parts[:depth])
+            if path not in self._complete_groups:
+                try:
+                    with quiet_foreign_objects():
+                        group = self._group()[path]
+                except KeyError:
+                    return True  # an array left behind by a deleted group
+                self._complete_groups[path] = isinstance(group, zarr.Group) and not group.attrs.get(INCOMPLETE_ATTR)
+            if not self._complete_groups[path]:
+                return True
+        return False
+
+    def _forget(self) -> None:
+        """Drop the cached listing, nodes and group states (after a writer changed the tree)."""
+        self._names = None
+        self._arrays.clear()
+        self._complete_groups.clear()
 
     def dims(self, name: str) -> tuple[str, ...]:
         """Dimension names of an array."""
@@ -294,10 +338,7 @@ class RunStore:
                 f"{loc.url} is a zarr group but not a clipscope run store (no {SCHEMA_ATTR} attribute)"
             )
         if version != SCHEMA_VERSION:
-            raise StoreError(
-                f"{loc.url} has store schema version {version}, this clipscope reads version "
-                f"{SCHEMA_VERSION}"
-            )
+            raise StoreError(schema_mismatch_message(loc.url, version))
         store = loc.zarr_store(read_only=self._mode == "r")
         return zarr.open_group(store, mode=self._mode, zarr_format=3)
 
@@ -371,6 +412,30 @@ class RunStore:
         _check_json(dict(attrs), "attrs")
         group = self._group()
         group.update_attributes(dict(attrs))
+        self._attrs = group.attrs.asdict()
+
+    def grow(self, n_rows: int, attrs: Mapping[str, Any]) -> None:
+        """Extend the ``sample`` axis of every per-sample array (and ``valid``) to ``n_rows`` rows and
+        merge ``attrs`` into the group attributes: a store gaining shards. New rows are zeros and not
+        valid. The arrays are resized first and the attributes written last, so a writer killed in
+        between leaves the old attributes, and the next ``grow`` repeats the (idempotent) resizes.
+        """
+        self._require_writable("grow")
+        rpc, current = self.rows_per_chunk, self.n_rows
+        if not _is_int(n_rows) or n_rows < current or n_rows % rpc:
+            raise ConfigError(f"a store grows to a multiple of rows_per_chunk={rpc} rows ≥ its {current}, "
+                              f"got {n_rows!r}")
+        clash = [k for k in RESERVED_ATTRS if k in attrs]
+        if clash:
+            raise ConfigError(f"grow may not set the reserved keys {clash}")
+        _check_json(dict(attrs), "attrs")
+        for name in sorted(set(self.array_names(per_sample=True)) | {VALID_ARRAY}):
+            arr = self.array(name)
+            if arr.shape[0] != n_rows:
+                arr.resize((int(n_rows), *arr.shape[1:]))
+        self._arrays.clear()
+        group = self._group()
+        group.update_attributes({**dict(attrs), "n_rows": int(n_rows)})
         self._attrs = group.attrs.asdict()
 
     # --- rows ---------------------------------------------------------------------------------------
@@ -457,11 +522,88 @@ class RunStore:
         unique, inverse = np.unique(index, return_inverse=True)
         return np.asarray(arr.oindex[unique])[inverse]
 
-    def read_valid(self, rows: slice | np.ndarray | Sequence[int] | None = None) -> np.ndarray:
-        """The ``valid[sample]`` mask (or part of it)."""
-        return self.read(VALID_ARRAY, rows)
+    def read_valid(
+        self, rows: slice | np.ndarray | Sequence[int] | None = None, *, done_only: bool = True
+    ) -> np.ndarray:
+        """The ``valid[sample]`` mask (or part of it): rows that hold a decoded sample.
+
+        In an extracted store (one with the ``row_blocks`` attribute) a row counts only once its
+        shard's done record exists, so rows of a failed or unfinished shard are never read as valid;
+        ``done_only=False`` returns the raw mask as the writers left it.
+        """
+        valid = self.read(VALID_ARRAY, rows)
+        if not done_only:
+            return valid
+        done = self.done_rows()
+        if done is None:
+            return valid
+        if rows is None:
+            return valid & done
+        if isinstance(rows, slice) or _is_int(rows):
+            return valid & done[rows]
+        index = np.asarray(rows)
+        if index.dtype == np.bool_:
+            index = np.flatnonzero(index)
+        return valid & done[index.astype(np.int64)]
+
+    def done_rows(self) -> np.ndarray | None:
+        """[sample] bool: the rows owned by shards with a done extract record; None for a store whose
+        rows are not planned per shard (no ``row_blocks`` attribute). Cached; see ``forget_done_rows``."""
+        if self._done_rows is None:
+            blocks = self._cached_attrs().get("row_blocks")
+            if not blocks:
+                return None
+            from clipscope.storage.manifest import done_indices
+
+            done = np.zeros(self.n_rows, bool)
+            for index in done_indices(self):
+                if 0 <= index < len(blocks):
+                    start, capacity = blocks[index]
+                    done[start:start + capacity] = True
+            self._done_rows = done
+        return self._done_rows
+
+    def forget_done_rows(self) -> None:
+        """Re-read the done records on the next ``done_rows``/``read_valid`` (another writer finished shards)."""
+        self._done_rows = None
 
     # --- results ------------------------------------------------------------------------------------
+
+    def _check_result(self, name: str, data: np.ndarray, dims: Sequence[str] | None,
+                      attrs: Mapping[str, Any] | None) -> tuple[np.ndarray, np.dtype, tuple[str, ...], dict]:
+        """Validate one result array; returns (data, dtype, dims, attrs with the per-sample flag)."""
+        validate_array_name(name)
+        if name == VALID_ARRAY:
+            raise ConfigError(f"{VALID_ARRAY!r} is written by write_rows")
+        data = np.asarray(data)
+        dtype = validate_dtype(data.dtype, name)
+        user_attrs = dict(attrs or {})
+        for key in (PER_SAMPLE_ATTR, INCOMPLETE_ATTR):
+            if key in user_attrs:
+                raise ConfigError(f"attrs may not set the reserved key {key!r}")
+        _check_json(user_attrs, f"attrs of {name!r}")
+        if dims is None:
+            if name not in self.array_names():
+                raise ConfigError(f"dims are required to create the result array {name!r}")
+            dims = self.dims(name)
+        dims = tuple(dims)
+        if len(dims) != data.ndim or len(set(dims)) != len(dims) or not all(
+            isinstance(d, str) and d for d in dims
+        ):
+            raise ConfigError(
+                f"dims of {name!r} must be {data.ndim} distinct names for shape {data.shape}, got {dims!r}"
+            )
+        return data, dtype, dims, {PER_SAMPLE_ATTR: False, **user_attrs}
+
+    def _put_result(self, parent: zarr.Group, leaf: str, data: np.ndarray, dtype: np.dtype,
+                    dims: tuple[str, ...], attrs: dict) -> None:
+        """(Re)create an array flagged incomplete, write its data, then drop the flag (its attrs last)."""
+        arr = parent.create_array(
+            leaf, shape=data.shape, dtype=dtype, fill_value=0, dimension_names=dims,
+            attributes={**attrs, INCOMPLETE_ATTR: True}, overwrite=True,
+        )
+        arr[...] = data
+        arr.attrs.put(attrs)
 
     def write_result(
         self,
@@ -473,75 +615,136 @@ class RunStore:
     ) -> None:
         """Write a whole non-per-sample array (``reductions/…``, ``…/directions``) with named dims.
 
-        ``dims`` may be omitted when the array exists. An existing array with the same shape, dtype
-        and dims is rewritten in place; otherwise it is replaced (``overwrite=False`` refuses both).
+        ``dims`` may be omitted when the array exists. An existing array is replaced
+        (``overwrite=False`` refuses). The array is created flagged incomplete and the flag is
+        dropped after its data is written, so readers see the old array, none, or the new one
+        whole — never a half-written one. Results that belong together are written with
+        :meth:`write_result_group`.
         """
         self._require_writable("write_result")
-        validate_array_name(name)
-        if name == VALID_ARRAY:
-            raise ConfigError(f"{VALID_ARRAY!r} is written by write_rows")
-        data = np.asarray(data)
-        dtype = validate_dtype(data.dtype, name)
-        user_attrs = dict(attrs or {})
-        if PER_SAMPLE_ATTR in user_attrs:
-            raise ConfigError(f"attrs may not set the reserved key {PER_SAMPLE_ATTR!r}")
-        _check_json(user_attrs, f"attrs of {name!r}")
-        exists = name in self.array_names()
-        if exists:
-            if self.is_per_sample(name):
+        data, dtype, dims, full_attrs = self._check_result(name, data, dims, attrs)
+        with quiet_foreign_objects():
+            try:
+                node = self._group()[name]
+            except KeyError:
+                node = None
+        if node is not None:
+            if isinstance(node, zarr.Array) and node.attrs.get(PER_SAMPLE_ATTR):
                 raise StoreError(f"{name!r} is a per-sample array; write it with write_rows")
-            if not overwrite:
+            if not overwrite and name in self.array_names():
                 raise StoreError(f"result {name!r} already exists in {self.url}; pass overwrite=True")
-        if dims is None:
-            if not exists:
-                raise ConfigError(f"dims are required to create the result array {name!r}")
-            dims = self.dims(name)
-        dims = tuple(dims)
-        if len(dims) != data.ndim or len(set(dims)) != len(dims) or not all(
-            isinstance(d, str) and d for d in dims
-        ):
-            raise ConfigError(
-                f"dims of {name!r} must be {data.ndim} distinct names for shape {data.shape}, got {dims!r}"
-            )
         for other in self.array_names():
             if other.startswith(name + "/") or name.startswith(other + "/"):
                 raise StoreError(f"{name!r} clashes with the existing array {other!r}")
         check_dims_consistent([(name, dims, data.shape)] + self._all_dims(exclude=name))
-        full_attrs = {PER_SAMPLE_ATTR: False, **user_attrs}
-        if exists:
-            arr = self.array(name)
-            if arr.shape == data.shape and arr.dtype == dtype and self.dims(name) == dims:
-                arr[...] = data
-                arr.attrs.put(full_attrs)
-                return
+        parent_path, _, leaf = name.rpartition("/")
+        root = self._group()
+        parent = root.require_group(parent_path) if parent_path else root
         self._arrays.pop(name, None)
-        arr = self._group().create_array(
-            name,
-            shape=data.shape,
-            dtype=dtype,
-            fill_value=0,
-            dimension_names=dims,
-            attributes=full_attrs,
-            overwrite=True,
-        )
-        arr[...] = data
+        self._put_result(parent, leaf, data, dtype, dims, full_attrs)
         self._remember(name)
 
+    def write_result_group(
+        self,
+        group: str,
+        arrays: Mapping[str, tuple[np.ndarray, Sequence[str]] | tuple[np.ndarray, Sequence[str], Mapping[str, Any]]],
+        attrs: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        """Replace the result group ``group`` by ``arrays`` ({leaf: (data, dims[, array attrs])}) as one unit.
+
+        The group is flagged incomplete (an existing one first, then it is deleted and created again
+        with the flag), its arrays are written, and the flag is replaced by ``attrs`` last. A writer
+        killed at any point leaves a group that readers do not see; the next write replaces it.
+        Returns the arrays' full names.
+        """
+        self._require_writable("write_result_group")
+        validate_array_name(group)
+        group_attrs = dict(attrs or {})
+        if INCOMPLETE_ATTR in group_attrs:
+            raise ConfigError(f"attrs may not set the reserved key {INCOMPLETE_ATTR!r}")
+        _check_json(group_attrs, f"attrs of {group!r}")
+        if not arrays:
+            raise ConfigError(f"write_result_group({group!r}) needs at least one array")
+        checked: dict[str, tuple[np.ndarray, np.dtype, tuple[str, ...], dict]] = {}
+        for leaf, spec in arrays.items():
+            if not isinstance(leaf, str) or "/" in leaf:
+                raise ConfigError(f"arrays of a result group are named by one path segment, got {leaf!r}")
+            data, dims, *rest = spec
+            checked[leaf] = self._check_result(f"{group}/{leaf}", data, dims, rest[0] if rest else None)
+        inside = [n for n in self.array_names() if n.startswith(group + "/")]
+        if any(self.is_per_sample(n) for n in inside) or group in self.array_names():
+            raise StoreError(f"{group!r} holds per-sample arrays or is an array; it is not a result group")
+        outside = [entry for entry in self._all_dims() if not entry[0].startswith(group + "/")]
+        check_dims_consistent([(f"{group}/{leaf}", dims, data.shape)
+                               for leaf, (data, _, dims, _) in checked.items()] + outside)
+        root = self._group()
+        self._discard_group(group)
+        node = root.create_group(group, attributes={INCOMPLETE_ATTR: True}, overwrite=True)
+        self._forget()
+        for leaf, (data, dtype, dims, full_attrs) in checked.items():
+            self._put_result(node, leaf, data, dtype, dims, full_attrs)
+        node.attrs.put(group_attrs)
+        self._forget()
+        return [f"{group}/{leaf}" for leaf in checked]
+
+    def _discard_group(self, group: str) -> None:
+        """Flag an existing group incomplete, then delete it (a kill in between leaves it hidden)."""
+        root = self._group()
+        with quiet_foreign_objects():
+            try:
+                node = root[group]
+            except KeyError:
+                node = None
+        if node is None:
+            # A kill during an earlier delete may have left arrays without their group's zarr.json.
+            if self._location.exists(group):
+                self._location.fs.rm(self._location.path(group), recursive=True)
+            return
+        if isinstance(node, zarr.Group):
+            node.update_attributes({INCOMPLETE_ATTR: True})
+        parent_path, _, leaf = group.rpartition("/")
+        parent = root[parent_path] if parent_path else root
+        del parent[leaf]
+        self._forget()
+
+    def result_group_attrs(self, group: str) -> dict[str, Any] | None:
+        """Attributes of a complete result group, or None when it is absent or incomplete."""
+        with quiet_foreign_objects():
+            try:
+                node = self._group()[group]
+            except KeyError:
+                return None
+        if not isinstance(node, zarr.Group) or node.attrs.get(INCOMPLETE_ATTR):
+            return None
+        parts = group.split("/")
+        for depth in range(1, len(parts)):
+            with quiet_foreign_objects():
+                try:
+                    parent = self._group()["/".join(parts[:depth])]
+                except KeyError:
+                    return None
+            if parent.attrs.get(INCOMPLETE_ATTR):
+                return None
+        return node.attrs.asdict()
+
     def delete_results(self, group: str) -> list[str]:
-        """Remove every result array under ``group`` (e.g. before rewriting a reduction whose shape
-        changed); per-sample arrays are never removed. Returns the removed names."""
+        """Remove every result array under ``group`` (the group itself too); per-sample arrays are
+        never removed. The group is flagged incomplete before it is deleted. Returns the removed names."""
         self._require_writable("delete_results")
         validate_array_name(group)
         doomed = [n for n in self.array_names() if n == group or n.startswith(group + "/")]
         kept = [n for n in doomed if self.is_per_sample(n)]
         if kept:
             raise StoreError(f"delete_results({group!r}) would remove per-sample arrays {kept[:3]}")
-        for name in doomed:
-            parent, _, leaf = name.rpartition("/")
-            node = self._group()[parent] if parent else self._group()
+        if group in doomed:  # a single array
+            parent_path, _, leaf = group.rpartition("/")
+            node = self._group()[parent_path] if parent_path else self._group()
+            self._group()[group].attrs.update({INCOMPLETE_ATTR: True})
             del node[leaf]
-            self._arrays.pop(name, None)
-        self._names = None
+            self._forget()
+        else:
+            self._discard_group(group)
+        self._forget()
         return doomed
 
     def read_result(self, name: str) -> np.ndarray:
@@ -554,11 +757,13 @@ class RunStore:
         from clipscope.storage.manifest import mark_shard_done
 
         mark_shard_done(self, index, record, stage=stage)
+        self._done_rows = None
 
     def mark_shard_failed(self, index: int, record: Mapping[str, Any], *, stage: str = "extract") -> None:
         from clipscope.storage.manifest import mark_shard_failed
 
         mark_shard_failed(self, index, record, stage=stage)
+        self._done_rows = None
 
     def shard_records(self, *, stage: str = "extract") -> dict[int, dict[str, Any]]:
         from clipscope.storage.manifest import shard_records
@@ -569,6 +774,7 @@ class RunStore:
         from clipscope.storage.manifest import clear_shard
 
         clear_shard(self, index, stage=stage)
+        self._done_rows = None
 
     def rows_checksum(self, start: int, capacity: int, names: Sequence[str] | None = None) -> str:
         from clipscope.storage.manifest import rows_checksum

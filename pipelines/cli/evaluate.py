@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from clipscope.pipelines.cli import reduction_options
+from clipscope.pipelines.cli._executor_args import add_executor_arguments, check_executor_args, executor_from_args
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("store", help="run store path or URL (written: means and results go under reductions/)")
@@ -15,9 +18,10 @@ def add_arguments(parser) -> None:
                         help="also ablate the MLPs and every head except those of the last K stored layers")
     parser.add_argument("--no-cls-token", action="store_true",
                         help="leave out the class-token ablations (for stores extracted without direct/cls_token)")
+    reduction_options.add_arguments(parser)
     parser.add_argument("--csv", default=None, help="also write the table to this CSV")
     parser.add_argument("--png", default=None, help="also plot accuracy against cumulative layer ablation here")
-    parser.add_argument("--workers", type=int, default=None, help="run on an embedded Ray with this many CPUs")
+    add_executor_arguments(parser)
 
 
 def _check_output(path: str | None, flag: str) -> None:
@@ -30,37 +34,33 @@ def _check_output(path: str | None, flag: str) -> None:
 
 
 def run(args) -> int:
-    import contextlib
+    from clipscope.pipelines.cli.notices import warn_if_random_init
 
     import pyarrow.csv as pacsv
 
-    from clipscope.errors import ConfigError
     from clipscope.pipelines.jobs.evaluate.job import evaluate_ablations, format_evaluation, plot_evaluation
-    from clipscope.pipelines.texts.zero_shot import default_task, get_task
+    from clipscope.pipelines.texts.zero_shot import default_task, format_chance, get_task, store_classes
     from clipscope.storage.store import RunStore
 
-    if args.workers is not None and args.workers < 1:
-        raise ConfigError(f"--workers must be an integer ≥ 1, got {args.workers}")
+    check_executor_args(args)
     _check_output(args.csv, "--csv")
     _check_output(args.png, "--png")
     store = RunStore.open(args.store, "r+")
+    warn_if_random_init(store.attrs.get("model"))
     task = get_task(args.task or default_task(store))
-    runtime = contextlib.nullcontext()
-    if args.workers:
-        from clipscope.cluster.runtime import ray_runtime
-
-        runtime = ray_runtime(num_cpus=args.workers)
-    with runtime:
+    with executor_from_args(args, store=args.store) as executor:
         table = evaluate_ablations(store, task, heads=args.heads, keep_last=args.keep_last,
-                                   include_cls=not args.no_cls_token, use_ray=bool(args.workers))
+                                   include_cls=not args.no_cls_token, executor=executor,
+                                   **reduction_options.job_options(args))
     n = table.column("n")[0].as_py()
     print(f"zero-shot task {task.name}: {n} labelled images, {len(task.classnames)} classes "
-          f"(chance {1 / len(task.classnames):.4f})")
+          f"({format_chance(store_classes(store, task), len(task.classnames))})")
     print(format_evaluation(table))
     if args.csv:
         pacsv.write_csv(table, args.csv)
         print(f"wrote {table.num_rows} rows to {args.csv}")
     if args.png:
-        plot_evaluation(table, args.png, title=f"{task.name}: accumulated mean-ablation of heads")
+        plot_evaluation(table, args.png, title=f"{task.name}: accumulated mean-ablation of heads",
+                        chance=1 / len(task.classnames))
         print(f"wrote {args.png}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from clipscope.errors import ConfigError
+from clipscope.pipelines.cli import exit_codes
+from clipscope.pipelines.cli._executor_args import add_executor_arguments, address_from, workers_from
 
 
 def layer_list(text: str) -> tuple[int, ...] | None:
@@ -31,12 +33,24 @@ def _layers(values) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+MODEL_REQUIRED = (
+    "--model is required: a trained CLIP, e.g. `--model ViT-B-32 --pretrained /path/to/ViT-B-32.pt` (a local "
+    "open_clip checkpoint; `--pretrained openai` when online), the bundled shapes-world CLIP "
+    "`--model clipscope-shapes --pretrained pipelines/worlds/shapes/assets/clipscope-shapes.safetensors`, or a random-init "
+    "config for trying the machinery (`--model clipscope-tiny --pretrained none`); `clipscope models` lists them"
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="+", metavar="DATA",
                         help="webdataset shards: paths, brace patterns (shards/{000..009}.tar), dirs, globs or URLs")
     parser.add_argument("--out", required=True, help="the run store: a path or fsspec URL (s3://, gs://, file://)")
-    parser.add_argument("--model", default="clipscope-tiny", help="open_clip model name (see `clipscope models`)")
-    parser.add_argument("--pretrained", default="none", help="pretrained tag, checkpoint path, or none (random init)")
+    parser.add_argument("--model", default=None,
+                        help="required: an open_clip architecture (`clipscope models` marks the supported ones), "
+                             "local-dir:PATH or hf-hub:ORG/REPO")
+    parser.add_argument("--pretrained", default="none",
+                        help="pretrained tag (offline: a local checkpoint .pt/.safetensors instead), checkpoint "
+                             "path, or none (random init: a warning says so, results describe noise)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a random init (--pretrained none)")
     parser.add_argument("--heads-layers", type=layer_list, nargs="+", default=[None], metavar="L",
                         help="layers whose heads/MLPs are stored (default all)")
@@ -48,17 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Validated by ExtractConfig (one-line error), not argparse choices (a usage dump).
     parser.add_argument("--ln-convention", default="split", help="ln_post convention: split or center")
     parser.add_argument("--dtype", default="float32", help="storage dtype: float16 or float32")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--rows-per-chunk", type=int, default=256, help="zarr chunk rows along `sample`")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="CPU Ray actors (>1 runs on Ray; default: in-process, or one per CPU/GPU on a cluster)")
-    parser.add_argument("--address", default=None,
-                        help="join a Ray cluster (auto, ray://host:10001); default: $RAY_ADDRESS or local")
+    add_executor_arguments(parser)
     parser.add_argument("--retry-failed", action="store_true", help="retry shards recorded as failed")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="exit 0 even when samples of some shards were lost (truncated tar, stale counts)")
     parser.add_argument("--allow-local-store", action="store_true",
                         help="allow a local path on a multi-node cluster (it is on a shared mount)")
-    parser.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto")
+    parser.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
+                        help="progress display: a bar on a terminal, log lines otherwise (auto)")
 
 
 def config_from_args(args):
@@ -69,7 +83,7 @@ def config_from_args(args):
         heads_layers=_layers(args.heads_layers), second_order_layers=_layers(args.second_order_layers) or (),
         token_layers=_layers(args.token_layers) or (), activation_layers=_layers(args.activation_layers) or (),
         ln_convention=args.ln_convention, dtype=args.dtype, batch_size=args.batch_size,
-        rows_per_chunk=args.rows_per_chunk, device=args.device, workers=args.workers, address=args.address,
+        rows_per_chunk=args.rows_per_chunk, device=args.device, workers=workers_from(args), address=address_from(args),
         retry_failed=args.retry_failed, allow_local_store=args.allow_local_store,
     )
 
@@ -77,6 +91,8 @@ def config_from_args(args):
 def run(args) -> int:
     from clipscope.pipelines.jobs.extract.job import run_extract
 
+    if args.model is None:
+        raise ConfigError(MODEL_REQUIRED)
     config = config_from_args(args)
     if config.heads_layers == ():
         raise ConfigError("--heads-layers none would store no direct effects; name layers or use all")
@@ -85,4 +101,15 @@ def run(args) -> int:
           f"{len(summary.failed)} failed, {summary.images} images in {summary.seconds:.1f}s")
     for index, error in summary.failed:
         print(f"  failed shard {index}: {error}")
-    return 0 if summary.ok else 1
+    if summary.partial:
+        known = sum(loss.lost or 0 for loss in summary.partial)
+        unknown = any(loss.lost is None for loss in summary.partial)
+        lost = f"{known}+" if known and unknown else ("an unknown number of" if unknown else str(known))
+        print(f"  {len(summary.partial)} shard(s) not read whole: {lost} samples lost")
+        for loss in summary.partial:
+            print(f"  partial {loss.describe()}")
+    if summary.failed:
+        return exit_codes.FAILED_SHARDS
+    if summary.partial and not args.allow_partial:
+        return exit_codes.PARTIAL
+    return exit_codes.OK

@@ -3,6 +3,9 @@ second-order PC) and measure the zero-shot accuracy of the text reconstruction (
 
 from __future__ import annotations
 
+from clipscope.pipelines.cli import reduction_options
+from clipscope.pipelines.cli._executor_args import add_executor_arguments, check_executor_args, executor_from_args
+
 TOP_NEURONS_DEFAULT = 10
 
 
@@ -25,9 +28,10 @@ def add_arguments(parser) -> None:
                         help="zero-shot task of the reconstruction accuracy (default: shapes for the shapes model, "
                              "else imagenet)")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the reconstruction accuracy")
+    reduction_options.add_arguments(parser)
     parser.add_argument("--parquet", default=None, help="also write the shown neurons' texts to this Parquet file")
     parser.add_argument("--json", default=None, help="also write the shown neurons' texts to this JSON file")
-    parser.add_argument("--workers", type=int, default=None, help="run on an embedded Ray with this many CPUs")
+    add_executor_arguments(parser)
 
 
 def _positive(name: str, value) -> int:
@@ -66,7 +70,7 @@ def _shown_neurons(args, store, n_neurons: int) -> list[int]:
 
 
 def run(args) -> int:
-    import contextlib
+    from clipscope.pipelines.cli.notices import warn_if_random_init
     import json
 
     import pyarrow.parquet as pq
@@ -75,12 +79,12 @@ def run(args) -> int:
     from clipscope.pipelines.jobs.neurons.job import (DEFAULT_M, format_accuracy, format_neurons, neuron_table,
                                              read_pcs, reconstruction_accuracy, run_omp)
     from clipscope.pipelines.texts.pools import get_pool
-    from clipscope.pipelines.texts.zero_shot import get_task
+    from clipscope.pipelines.texts.zero_shot import chance_line, default_task, get_task, labelled_count
     from clipscope.storage.store import RunStore
 
     _positive("--top", args.top)
     _positive("--top-neurons", args.top_neurons)
-    _positive("--workers", args.workers)
+    check_executor_args(args)
     pool = get_pool(args.pool)
     if not 1 <= args.m <= len(pool.texts):
         raise ConfigError(f"--m must be in 1..{len(pool.texts)} (the pool {pool.name!r} has {len(pool.texts)} texts), "
@@ -88,24 +92,31 @@ def run(args) -> int:
     if args.task is not None and not args.no_accuracy:
         get_task(args.task)  # an unknown task fails before any work
     store = RunStore.open(args.store, "r+")
+    warn_if_random_init(store.attrs.get("model"))
     n_neurons = read_pcs(store, args.layer).shape[0]
+    if not args.no_accuracy and labelled_count(store, get_task(args.task or default_task(store))) == 0:
+        task_name = args.task or default_task(store)
+        if args.task is not None:
+            raise ConfigError(f"--task {task_name}: no valid sample of {store.url} has a label for it (the shards "
+                              f"have no .cls entries); pass --no-accuracy to skip the reconstruction accuracy")
+        print(f"neurons: no labelled samples in {store.url} (no .cls in the shards); skipping the reconstruction "
+              f"accuracy ({task_name}); pass --no-accuracy to silence this")
+        args.no_accuracy = True
     shown = _shown_neurons(args, store, n_neurons)
-    runtime = contextlib.nullcontext()
-    if args.workers:
-        from clipscope.cluster.runtime import ray_runtime
-
-        runtime = ray_runtime(num_cpus=args.workers)
-    with runtime:
+    with executor_from_args(args, store=args.store) as executor:
         result = run_omp(store, args.layer, pool, m=DEFAULT_M + (args.m,),
-                         reference_preprocessing=args.reference_preprocessing, use_ray=bool(args.workers))
+                         reference_preprocessing=args.reference_preprocessing, executor=executor,
+                         **reduction_options.job_options(args))
         accuracy = None if args.no_accuracy else reconstruction_accuracy(store, args.layer, task=args.task,
-                                                                         use_ray=bool(args.workers))
+                                                                         executor=executor,
+                                                                         **reduction_options.job_options(args))
     table = neuron_table(store, args.layer, pool, m=args.m, top=args.top, neurons=shown)
     print(f"layer {args.layer}: {n_neurons} neurons, pool {pool.name} ({len(pool.texts)} texts), "
           f"m = {', '.join(map(str, result.m))}, dictionary {result.attrs['preprocessing']}")
     print(format_neurons(table, shown, args.m))
     if accuracy is not None:
         print(format_accuracy(accuracy))
+        print(chance_line(store, get_task(accuracy.task)))
     if args.parquet:
         pq.write_table(table, args.parquet)
         print(f"wrote {table.num_rows} rows to {args.parquet}")

@@ -195,6 +195,8 @@ def _read_json(url: str, storage_options: dict[str, Any] | None) -> Any | None:
         return None
     except OSError as exc:
         raise DataError(f"cannot read {url}: {exc}") from exc
+    except ImportError as exc:  # s3:// without s3fs, gs:// without gcsfs
+        raise DataError(f"cannot read {url}: {exc} (install it into clipscope's environment)") from None
     try:
         return json.loads(raw)
     except ValueError as exc:

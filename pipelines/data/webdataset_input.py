@@ -56,7 +56,16 @@ _META_RE = re.compile(r"__[^/]*__($|/)")
 _CHEAP_PROTOCOLS = ("file", "local", "memory")
 # Errors that mean "these bytes are not a (complete) tar archive", as opposed to I/O failures.
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", _ZSTD_MAGIC)
+# The start of the reason a walk gives when the bytes are not a tar archive at all (no header read).
+NOT_A_TAR = "not a readable tar archive"
+
+
+class UnreadableShardError(DataError):
+    """A shard's bytes are not a tar archive (empty, random, unknown compression): retrying cannot help."""
+
+    retryable = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +179,8 @@ def open_shard(url: str, storage_options: dict[str, Any] | None = None) -> Itera
         raise DataError(f"shard not found: {url}") from exc
     except OSError as exc:
         raise DataError(f"cannot open shard {url}: {exc}") from exc
+    except ImportError as exc:  # s3:// without s3fs, gs:// without gcsfs
+        raise DataError(f"cannot read {url}: {exc} (install it into clipscope's environment)") from None
     with opened:
         yield opened
 
@@ -195,6 +206,18 @@ def _open_pipe(url: str) -> Iterator[IO[bytes]]:
     if status != 0:
         # A failed command (a download error, say) is worth retrying, unlike a corrupt tar.
         raise DataError(f"{url} exited with status {status}")
+
+
+def _head(stream: IO[bytes], n: int) -> bytes:
+    """The first n bytes of a freshly opened stream, leaving it at the start (b"" if unknowable)."""
+    peek = getattr(stream, "peek", None)
+    if peek is not None:
+        return peek(n)[:n]
+    if stream.seekable():
+        head = stream.read(n)
+        stream.seek(0)
+        return head
+    return b""
 
 
 def _is_compressed(stream: IO[bytes]) -> bool:
@@ -255,14 +278,16 @@ def walk_tar_groups(
         else:
             tf = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_HeaderTracingTarInfo)
     except _ARCHIVE_ERRORS as exc:
-        return f"not a readable tar archive ({exc})"
+        return f"{NOT_A_TAR} ({exc})"
     current: TarGroup | None = None
+    headers = 0
     try:
         while True:
             info = tf.next()
             tf.members = []  # keep memory flat on huge shards; we never look members up
             if info is None:
                 break
+            headers += 1
             if not info.isreg():
                 continue
             split = split_member_name(info.name)
@@ -285,11 +310,13 @@ def walk_tar_groups(
             else:
                 current.members[suffix] = data
     except _ARCHIVE_ERRORS as exc:
-        return f"{exc} at byte {tf.offset}"
+        return f"{exc} at byte {tf.offset}" if headers else f"{NOT_A_TAR} ({exc})"
     error = getattr(tf, "clipscope_header_error", None)
     if not isinstance(error, tarfile.EOFHeaderError):
         if isinstance(error, tarfile.EmptyHeaderError):
             return f"archive ends at byte {tf.offset} without an end-of-archive marker"
+        if not headers:
+            return f"{NOT_A_TAR} ({error or 'unreadable header'})"
         return f"{error or 'unreadable header'} at byte {tf.offset}"
     if current is not None:
         yield current
@@ -303,8 +330,19 @@ def walk_tar_url(
     seek: bool,
     storage_options: dict[str, Any] | None = None,
 ) -> Generator[TarGroup, None, str | None]:
-    """`walk_tar_groups` over a URL; seeks only where the stream allows it."""
+    """`walk_tar_groups` over a URL; seeks only where the stream allows it.
+
+    zstd-compressed shards (``.tar.zst``, recognised by their magic bytes) are read through the
+    ``zstandard`` package; tarfile itself reads gzip, bzip2 and xz.
+    """
     with open_shard(url, storage_options) as stream:
+        if _head(stream, len(_ZSTD_MAGIC)) == _ZSTD_MAGIC:
+            try:
+                import zstandard
+            except ImportError:
+                return f"{NOT_A_TAR} (zstd-compressed; install the zstandard package to read .tar.zst shards)"
+            stream = zstandard.ZstdDecompressor().stream_reader(stream, closefd=False)
+            seek = False
         can_seek = seek and stream.seekable() and not _is_compressed(stream)
         walker = walk_tar_groups(stream, read=read, seek=can_seek)
         try:
@@ -315,7 +353,9 @@ def walk_tar_url(
 
 
 def truncation_message(samples: int, reason: str) -> str:
-    """The shard-level error text for an archive that stopped early."""
+    """The shard-level error text for an archive that stopped early (or was never a tar)."""
+    if samples == 0 and reason.startswith(NOT_A_TAR):
+        return reason
     return f"truncated after {samples} samples: {reason}"
 
 
@@ -325,7 +365,11 @@ def truncation_message(samples: int, reason: str) -> str:
 
 @dataclass(frozen=True)
 class RawSample:
-    """One undecoded sample of a shard; ``error`` is set when the sample cannot be used."""
+    """One undecoded sample of a shard; ``error`` is set when the sample cannot be used.
+
+    ``meta_error`` flags a bad ``cls`` or ``json`` member: the image is still usable, the bad
+    metadata is dropped (label / caption None where they came from it).
+    """
 
     key: str
     index_in_shard: int
@@ -334,6 +378,7 @@ class RawSample:
     caption: str | None
     meta: dict | None
     error: str | None
+    meta_error: str | None = None
 
 
 def _wanted_suffix(suffix: str) -> bool:
@@ -355,6 +400,7 @@ def _pick_image(members: dict[str, bytes | None]) -> bytes | None:
 def raw_sample_from_group(group: TarGroup, index: int) -> RawSample:
     """Build a `RawSample` from a walked group whose wanted members were read."""
     problems = list(group.problems)
+    meta_problems: list[str] = []
     members = group.members
     image = _pick_image(members)
     if image is None:
@@ -364,19 +410,19 @@ def raw_sample_from_group(group: TarGroup, index: int) -> RawSample:
         try:
             parsed = json.loads(members[JSON_SUFFIX])  # type: ignore[arg-type]
         except ValueError as exc:
-            problems.append(f"json member is not valid JSON ({exc})")
+            meta_problems.append(f"json member is not valid JSON ({exc})")
         else:
             if isinstance(parsed, dict):
                 meta = parsed
             else:
-                problems.append(f"json member is not an object, got {type(parsed).__name__}")
+                meta_problems.append(f"json member is not an object, got {type(parsed).__name__}")
     label: int | None = None
     if members.get(LABEL_SUFFIX) is not None:
         text = members[LABEL_SUFFIX].decode("utf-8", "replace").strip()  # type: ignore[union-attr]
         try:
             label = int(text)
         except ValueError:
-            problems.append(f"cls member is not an integer, got {text[:40]!r}")
+            meta_problems.append(f"cls member is not an integer, got {text[:40]!r}")
     elif meta is not None:
         label = _int_or_none(meta.get("label"))
     caption: str | None = None
@@ -395,6 +441,7 @@ def raw_sample_from_group(group: TarGroup, index: int) -> RawSample:
         caption=caption,
         meta=meta,
         error="; ".join(problems) if problems else None,
+        meta_error="; ".join(meta_problems) if meta_problems else None,
     )
 
 
@@ -416,7 +463,9 @@ class ShardSamples(Iterator[RawSample]):
 
     After exhaustion, ``error`` is None for a complete shard, else one line for the shard's error
     list ("truncated after N samples: <reason>", or the mismatch with ``expected_count``);
-    ``samples_read`` is the number of samples yielded.
+    ``samples_read`` is the number of samples yielded; ``lost`` the number of the shard's samples
+    that were not yielded (0 for a complete shard, None when unknowable: a truncated archive whose
+    tail is gone); ``unreadable`` is True when the bytes are not a tar archive at all.
     """
 
     def __init__(
@@ -432,6 +481,8 @@ class ShardSamples(Iterator[RawSample]):
         self.expected_count = expected_count
         self.samples_read = 0
         self.error: str | None = None
+        self.lost: int | None = 0
+        self.unreadable = False
         self.finished = False
         self._samples = self._generate(storage_options)
 
@@ -461,11 +512,17 @@ class ShardSamples(Iterator[RawSample]):
                 except StopIteration as stop:
                     if stop.value is not None:
                         self.error = truncation_message(self.samples_read, stop.value)
+                        self.unreadable = self.samples_read == 0 and stop.value.startswith(NOT_A_TAR)
+                        self.lost = (expected - self.samples_read
+                                     if expected is not None and expected > self.samples_read else None)
                     break
                 if expected is not None and self.samples_read == expected:
+                    # Rows were reserved for `expected` samples only; count the rest so the loss is known.
+                    extra = 1 + sum(1 for _ in walker)
+                    self.lost = extra
                     self.error = (
-                        f"shard holds more than the {expected} samples counted for it "
-                        f"(stale index or stats?); samples from #{expected} on were skipped"
+                        f"shard holds {expected + extra} samples but {expected} were counted for it "
+                        f"(stale index or img2dataset stats?); the last {extra} were skipped"
                     )
                     break
                 sample = raw_sample_from_group(group, self.samples_read)
@@ -475,6 +532,7 @@ class ShardSamples(Iterator[RawSample]):
             walker.close()
         if self.error is None and expected is not None and self.samples_read < expected:
             self.error = f"shard ended after {self.samples_read} of the {expected} samples counted for it"
+            self.lost = expected - self.samples_read
         self.finished = True
 
 
@@ -598,6 +656,7 @@ def write_shard(
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".tar")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; a shard is a normal file
         with os.fdopen(fd, "wb") as out:
             count = _write_tar(out, samples)
         os.replace(tmp, path)
@@ -606,6 +665,12 @@ def write_shard(
             os.unlink(tmp)
         raise
     return count
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,38 +7,41 @@ store of any size is read in bounded memory.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from clipscope.errors import ConfigError, StoreError
+from clipscope.errors import ParameterError
 from clipscope.kernels.decompose import second_order_effects
-from clipscope.pipelines.models.loading import LoadedModel, load_model, load_run_model
+from clipscope.pipelines.models.loading import LoadedModel, load_run_model
 from clipscope.pipelines.texts.encode import encode_texts
 from clipscope.storage.layout import row_slices
 from clipscope.storage.query import read_image, sample_info, topk_rows
+from clipscope.storage import schema
 from clipscope.storage.store import RunStore
 
 
 def _layer_position(store: RunStore, layer: int, kind: str = "heads") -> int:
-    layers = store.attrs.get("layers", {}).get(kind, [])
+    info = store.info
+    layers = list({"heads": info.heads_layers, "tokens": info.token_layers,
+                   "activations": info.activation_layers}.get(kind, ()))
     if layer not in layers:
-        raise ConfigError(f"--layer {layer} is not stored in {store.url}; stored {kind} layers: {layers}")
+        raise ParameterError("layer", f"{layer} is not stored in {store.url}; stored {kind} layers: {layers}")
     return layers.index(layer)
 
 
 def _check_head(store: RunStore, head: int) -> None:
-    n_heads = store.array("direct/heads").shape[2]
+    n_heads = store.array(schema.DIRECT_HEADS.path()).shape[2]
     if not 0 <= head < n_heads:
-        raise ConfigError(f"--head must be in 0..{n_heads - 1}, got {head}")
+        raise ParameterError("head", f"must be in 0..{n_heads - 1}, got {head}")
 
 
 def _streamed_topk(store: RunStore, k: int, score_block) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows by `score_block(rows: slice) -> scores`, over valid rows, one chunk group at a time."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"-k must be an integer ≥ 1, got {k!r}")
+        raise ParameterError("k", f"must be an integer ≥ 1, got {k!r}")
     best_rows, best_scores = np.zeros(0, np.int64), np.zeros(0, np.float64)
     for rows in row_slices(store.n_rows, store.rows_per_chunk * 16):
         valid = store.read_valid(rows)
@@ -64,22 +67,24 @@ def top_images_for_text(store: RunStore, layer: int, head: int, text: str, k: in
     position = _layer_position(store, layer)
     _check_head(store, head)
     direction = encode_texts(loaded or load_run_model(store), [text])[0].astype(np.float64)
-    heads = store.array("direct/heads")
+    heads = store.array(schema.DIRECT_HEADS.path())
     rows, scores = _streamed_topk(store, k, lambda r: heads[r, position, head].astype(np.float64) @ direction)
     return _with_info(store, rows, scores, "score")
 
 
 def top_images_for_neuron(store: RunStore, layer: int, neuron: int, k: int = 10) -> pa.Table:
     """Images with the largest second-order effect norm ‖φ_n‖ of one neuron."""
-    group = f"second_order/layer_{layer}"
-    if f"{group}/weights" not in store.array_names():
-        stored = sorted(store.attrs.get("layers", {}).get("second_order", {}))
-        raise ConfigError(f"--layer {layer} has no second-order data in {store.url}; stored: {stored}")
-    weights = store.array(f"{group}/weights")
+    weights_name = schema.SECOND_ORDER_WEIGHTS.path(layer=layer)
+    shared_name = schema.SECOND_ORDER_SHARED.path(layer=layer)
+    if weights_name not in store.array_names():
+        stored = sorted(str(l) for l in store.info.second_order_layers)
+        raise ParameterError("layer", f"{layer} has no second-order data in {store.url}; stored: {stored}")
+    weights = store.array(weights_name)
     if not 0 <= neuron < weights.shape[-1]:
-        raise ConfigError(f"--neuron must be in 0..{weights.shape[-1] - 1}, got {neuron}")
-    directions = torch.from_numpy(store.read_result(f"{group}/directions")[:, :, [neuron]]).double()
-    shared = store.array(f"{group}/shared") if f"{group}/shared" in store.array_names() else None
+        raise ParameterError("neuron", f"must be in 0..{weights.shape[-1] - 1}, got {neuron}")
+    directions = torch.from_numpy(
+        store.read_result(schema.SECOND_ORDER_DIRECTIONS.path(layer=layer))[:, :, [neuron]]).double()
+    shared = store.array(shared_name) if shared_name in store.array_names() else None
 
     def norms(rows: slice) -> np.ndarray:
         q = torch.from_numpy(weights[rows, :, :, neuron][..., None].astype(np.float64))
@@ -95,7 +100,7 @@ def image_summary(store: RunStore, sample: int | str, top: int = 10) -> tuple[di
     data = read_image(store, sample)
     emb = data["image_embedding"].astype(np.float64)
     unit = emb / max(np.linalg.norm(emb), 1e-12)
-    layers = store.attrs.get("layers", {}).get("heads", [])
+    layers = list(store.info.heads_layers)
     parts: list[tuple[str, Any, Any, float, float]] = []
     for name in ("direct/embedding", "direct/bias"):
         v = data[name].astype(np.float64)

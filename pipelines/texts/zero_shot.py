@@ -17,8 +17,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from clipscope.errors import ConfigError, StoreError
+from clipscope.errors import ConfigError, ParameterError, StoreError
+from clipscope.kernels.zero_shot import class_weights, count_correct
 from clipscope.pipelines.models.loading import LoadedModel
 from clipscope.pipelines.texts.plugins import load_plugins
 from clipscope.storage.store import RunStore
@@ -78,9 +80,8 @@ def classifier(store: RunStore, task: ZeroShotTask, loaded: LoadedModel | None =
 
     prompts = task.prompts
     emb = cached_text_embeddings(store, prompts, pool_name=f"zero-shot:{task.name}", loaded=loaded)
-    per_class = emb.astype(np.float64).reshape(len(task.classnames), len(task.templates), -1).mean(1)
-    per_class /= np.maximum(np.linalg.norm(per_class, axis=-1, keepdims=True), 1e-12)
-    return per_class.T.astype(np.float32)
+    prompts_by_class = torch.from_numpy(emb.astype(np.float64)).reshape(len(task.classnames), len(task.templates), -1)
+    return class_weights(prompts_by_class).numpy().astype(np.float32)
 
 
 def store_classes(store: RunStore, task: ZeroShotTask) -> np.ndarray:
@@ -102,11 +103,12 @@ def accuracy(embeddings: np.ndarray, weights: np.ndarray, classes: np.ndarray) -
     The embeddings need not be normalised: the arg-max of cosine similarity does not depend on the
     image's norm.
     """
-    labelled = classes >= 0
-    if not labelled.any():
+    labelled = int((classes >= 0).sum())
+    if not labelled:
         raise ConfigError("no labelled samples to score; the zero-shot task needs the samples' labels")
-    predicted = (embeddings[labelled].astype(np.float64) @ weights.astype(np.float64)).argmax(1)
-    return float((predicted == classes[labelled]).mean())
+    hits = count_correct(torch.from_numpy(np.asarray(embeddings, np.float64)),
+                         torch.from_numpy(np.asarray(weights, np.float64)), torch.from_numpy(np.asarray(classes)))
+    return int(hits) / labelled
 
 
 def _imagenet_task(templates: str) -> Callable[[], ZeroShotTask]:
@@ -134,5 +136,34 @@ def default_task(store: RunStore) -> str:
 def tasks_arg(value: str | Sequence[str]) -> list[ZeroShotTask]:
     names = [v for v in (value.split(",") if isinstance(value, str) else value) if v]
     if not names:
-        raise ConfigError("--task must name at least one zero-shot task")
+        raise ParameterError("task", "must name at least one zero-shot task")
     return [get_task(n) for n in names]
+
+
+def labelled_count(store: RunStore, task: ZeroShotTask) -> int:
+    """How many valid rows of `store` have a class under `task` (0 for a store of unlabelled images:
+    webdataset samples without a `.cls` entry). Reads only `samples.parquet` and `valid`."""
+    return int((store_classes(store, task) >= 0).sum())
+
+
+def chance_levels(classes: np.ndarray, n_classes: int) -> tuple[float, float]:
+    """(1 / n_classes, the majority class's share of the labelled rows): the accuracy of a uniform
+    random guess and of always answering the most frequent class. Every accuracy clipscope prints
+    is shown beside these two."""
+    labelled = np.asarray(classes)[np.asarray(classes) >= 0]
+    majority = float(np.bincount(labelled).max() / labelled.size) if labelled.size else float("nan")
+    return 1.0 / n_classes, majority
+
+
+def format_chance(classes: np.ndarray, n_classes: int) -> str:
+    """'chance 0.018 (1/56), majority class 0.054' — the text printed beside accuracies."""
+    uniform, majority = chance_levels(classes, n_classes)
+    return f"chance {uniform:.3f} (1/{n_classes}), majority class {majority:.3f}"
+
+
+def chance_line(store: RunStore, task: ZeroShotTask) -> str:
+    """'  chance (shapes, 56 classes, 512 labelled images): 0.018 (1/56), majority class 0.054' for the
+    valid labelled rows of `store`."""
+    classes = store_classes(store, task)
+    return (f"  chance ({task.name}, {len(task.classnames)} classes, {int((classes >= 0).sum())} labelled images): "
+            f"{format_chance(classes, len(task.classnames)).removeprefix('chance ')}")

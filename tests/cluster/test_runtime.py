@@ -150,3 +150,62 @@ def test_unwritable_home_falls_back_to_a_token_in_the_environment(monkeypatch, t
         monkeypatch.undo()
         runtime._reset_token_cache()
     assert "RAY_AUTH_TOKEN" not in os.environ
+
+
+class FakeRay:
+    """Records ray.init's arguments (for the choice of address, without starting anything)."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        self.up = False
+
+    def is_initialized(self) -> bool:
+        return self.up
+
+    def init(self, **kwargs) -> None:
+        self.calls.append(kwargs)
+        self.up = True
+
+    def shutdown(self) -> None:
+        self.up = False
+
+
+def test_the_embedded_ray_is_always_a_new_local_instance(monkeypatch):
+    """A bare ray.init() joins a Ray that `ray start` left on this machine (/tmp/ray/ray_current_cluster)
+    and then refuses num_cpus; the embedded mode must ask for address="local". (The real thing, next
+    to a running cluster: tests/cluster/test_reductions_on_cluster.py.)"""
+    fake = FakeRay()
+    monkeypatch.setattr(runtime, "_import_ray", lambda: fake)
+    monkeypatch.setattr(runtime, "prepare_embedded_auth", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with ray_runtime(num_cpus=2) as info:
+        assert info.mode == "embedded"
+    assert fake.calls[0]["address"] == "local" and fake.calls[0]["num_cpus"] == 2
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("auto", "auto"), ("10.0.0.1:6379", "10.0.0.1:6379"), ("head.example:6379", "head.example:6379"),
+    ("ray://head:10001", "ray://head:10001"), ("ray://head", "ray://head"),
+])
+def test_check_address_accepts_the_cluster_forms(value, expected):
+    assert runtime.check_address(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "local", "head", "head:port", "head:0", "http://head:8265", "ray://", 6379, None])
+def test_check_address_refuses_anything_else(value):
+    with pytest.raises(ConfigError, match=r"--address must be auto, HOST:PORT or ray://HOST:10001, got"):
+        runtime.check_address(value, "--address")
+
+
+def test_joining_needs_the_address_to_answer(monkeypatch):
+    fake = FakeRay()
+    monkeypatch.setattr(runtime, "_import_ray", lambda: fake)
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr("socket.create_connection", refused)
+    with pytest.raises(ConfigError, match=r"^cannot reach the Ray cluster at 'head:6379' \(connection refused\)"):
+        with ray_runtime("head:6379"):
+            pass
+    assert fake.calls == []

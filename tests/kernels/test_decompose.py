@@ -43,13 +43,13 @@ def test_direct_effects_sum_to_encode_image(model_cache, name, convention, dtype
     out = decompose(spec, images, DecomposeRequest(convention=convention, token_layers=(0, last)))
     with torch.no_grad():
         ref = model.encode_image(images)
-    total = out["direct/embedding"] + out["direct/mlps"].sum(1) + out["direct/heads"].sum((1, 2)) + out["direct/bias"]
-    assert rel_err(out["image_embedding"], ref) <= TOL[dtype]
+    total = out.direct.embedding + out.direct.mlps.sum(1) + out.direct.heads.sum((1, 2)) + out.direct.bias
+    assert rel_err(out.image_embedding, ref) <= TOL[dtype]
     assert rel_err(total, ref) <= TOL[dtype]
-    assert out["direct/heads"].shape == (2, spec.n_layers, spec.n_heads, spec.embed_dim)
-    assert out["direct/tokens"].shape == (2, 2, spec.n_heads, spec.n_tokens, spec.embed_dim)
+    assert out.direct.heads.shape == (2, spec.n_layers, spec.n_heads, spec.embed_dim)
+    assert out.tokens.shape == (2, 2, spec.n_heads, spec.n_tokens, spec.embed_dim)
     # per-token terms sum over tokens to the per-head terms of their layers
-    assert rel_err(out["direct/tokens"].sum(3), out["direct/heads"][:, [0, last]]) <= TOL[dtype]
+    assert rel_err(out.tokens.sum(3), out.direct.heads[:, [0, last]]) <= TOL[dtype]
 
 
 def test_conventions_differ_but_both_sum(model_cache):
@@ -57,9 +57,9 @@ def test_conventions_differ_but_both_sum(model_cache):
     images = images_for(spec, 3)
     split = decompose(spec, images, DecomposeRequest(convention="split"))
     center = decompose(spec, images, DecomposeRequest(convention="center"))
-    assert not torch.allclose(split["direct/heads"], center["direct/heads"])
+    assert not torch.allclose(split.direct.heads, center.direct.heads)
     # centre-convention terms carry no share of the mean: a constant residual vector maps to 0
-    assert torch.allclose(split["image_embedding"], center["image_embedding"])
+    assert torch.allclose(split.image_embedding, center.image_embedding)
 
 
 def test_extraction_leaves_model_unchanged(model_cache):
@@ -156,11 +156,11 @@ def test_second_order_equals_brute_force(model_cache, name, source, convention, 
     model, spec = model_and_spec(model_cache, name, dtype)
     images = images_for(spec, 2, seed=1)
     out = decompose(spec, images, DecomposeRequest(direct=False, second_order_layers=(source,), convention=convention))
-    weights = out[f"second_order/layer_{source}/weights"]
+    weights = out.second_order[source].weights
     assert weights.shape == (2, spec.n_layers - source - 1, spec.n_heads, spec.mlp_width)
     directions = second_order_directions(spec, source, convention)
     neurons = torch.tensor([0, 3, spec.mlp_width // 2, spec.mlp_width - 1])
-    shared = out.get(f"second_order/layer_{source}/shared")
+    shared = out.second_order[source].shared
     assert (shared is not None) == (convention == "split")
     phi = second_order_effects(weights, directions, shared, neurons)
     ref = _brute_force_phi(model, _trace(model, images, source), source, neurons.tolist(), convention)
@@ -171,7 +171,7 @@ def test_second_order_gram_norm_equals_direct_norm(model_cache):
     _, spec = model_and_spec(model_cache, "clipscope-tiny", torch.float64)
     images = images_for(spec, 4, seed=2)
     out = decompose(spec, images, DecomposeRequest(direct=False, second_order_layers=(1,), convention="center"))
-    q = out["second_order/layer_1/weights"]  # [batch later head neuron]
+    q = out.second_order[1].weights  # [batch later head neuron]
     d = second_order_directions(spec, 1, "center")  # [later head neuron embed]
     flat_q = q.flatten(1, 2)  # [batch later·head neuron]
     flat_d = d.flatten(0, 1)  # [later·head neuron embed]
@@ -186,7 +186,7 @@ def test_activation_layers_match_model(model_cache):
     images = images_for(spec, 2)
     out = decompose(spec, images, DecomposeRequest(direct=False, activation_layers=(2,)))
     ref = _trace(model, images, 2)["act"]
-    assert rel_err(out["activations/layer_2"], ref) <= 1e-12
+    assert rel_err(out.activations[2], ref) <= 1e-12
 
 
 def test_bad_image_size_is_refused(model_cache):
@@ -222,7 +222,8 @@ def test_precomputed_folding_gives_the_same_terms_and_checks_convention(model_ca
     request = DecomposeRequest(convention="center", token_layers=(3,))
     fresh = decompose(spec, images, request)
     reused = decompose(spec, images, request, fold=folding(spec, "center"))
-    for name in fresh:
-        assert torch.equal(fresh[name], reused[name]), name
+    for name in ("embedding", "mlps", "heads", "bias", "cls_token"):
+        assert torch.equal(getattr(fresh.direct, name), getattr(reused.direct, name)), name
+    assert torch.equal(fresh.tokens, reused.tokens) and torch.equal(fresh.image_embedding, reused.image_embedding)
     with pytest.raises(ConfigError, match="folding was built for the 'split' convention"):
         decompose(spec, images, request, fold=folding(spec, "split"))

@@ -24,15 +24,15 @@ def test_cls_token_is_token_zero_summed_over_heads(model_cache, name, convention
     layers = tuple(range(spec.n_layers))
     out = decompose(spec, images, DecomposeRequest(convention=convention, token_layers=layers),
                     fold=folding(spec, convention))
-    cls = out["direct/cls_token"]
+    cls = out.direct.cls_token
     assert cls.shape == (3, spec.n_layers, spec.embed_dim) and cls.dtype == dtype
-    assert rel_err(cls, out["direct/tokens"][:, :, :, 0].sum(2)) <= TOL[dtype]
+    assert rel_err(cls, out.tokens[:, :, :, 0].sum(2)) <= TOL[dtype]
     # not a trivial slice of something else: it differs from the per-layer head sums
-    assert rel_err(cls, out["direct/heads"].sum(2)) > 1e-2
+    assert rel_err(cls, out.direct.heads.sum(2)) > 1e-2
     # without token layers the same values come out (the term needs no per-token storage)
     alone = decompose(spec, images, DecomposeRequest(convention=convention))
-    assert "direct/tokens" not in alone
-    assert rel_err(alone["direct/cls_token"], cls) <= TOL[dtype]
+    assert alone.tokens is None
+    assert rel_err(alone.direct.cls_token, cls) <= TOL[dtype]
 
 
 def test_cls_token_matches_attention_from_the_live_model(model_cache):
@@ -71,5 +71,5 @@ def test_cls_token_matches_attention_from_the_live_model(model_cache):
             centred = c.sum(1) - share * mu[:, None]
             expected.append((gamma * centred / sigma[:, None] + share * beta) @ proj)
         expected = torch.stack(expected, 1)
-    got = decompose(spec, images)["direct/cls_token"]
+    got = decompose(spec, images).direct.cls_token
     assert rel_err(got, expected) <= 1e-12

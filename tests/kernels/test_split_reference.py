@@ -19,7 +19,12 @@ from split_reference import randomized_affine, reference_direct, reference_secon
 
 TINY = ["clipscope-tiny", "clipscope-tiny-quickgelu", "clipscope-tiny-ls"]
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
-ARRAYS = ["image_embedding", "direct/embedding", "direct/mlps", "direct/heads", "direct/tokens", "direct/cls_token"]
+# The oracle's names for the decomposition's fields.
+ARRAYS = {
+    "image_embedding": lambda out: out.image_embedding, "direct/embedding": lambda out: out.direct.embedding,
+    "direct/mlps": lambda out: out.direct.mlps, "direct/heads": lambda out: out.direct.heads,
+    "direct/tokens": lambda out: out.tokens, "direct/cls_token": lambda out: out.direct.cls_token,
+}
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -55,15 +60,16 @@ def test_first_order_split_equals_the_literal_reference(randomized, name, dtype)
     spec = spec64.to(dtype=dtype)
     layers = tuple(range(spec.n_layers))
     out = decompose(spec, images.to(dtype), DecomposeRequest(convention="split", token_layers=layers))
-    for key in ARRAYS:
-        assert out[key].shape == ref[key].shape, key
-        assert rel_err(out[key], ref[key]) <= TOL[dtype], (key, rel_err(out[key], ref[key]))
+    for key, field_of in ARRAYS.items():
+        got = field_of(out)
+        assert got.shape == ref[key].shape, key
+        assert rel_err(got, ref[key]) <= TOL[dtype], (key, rel_err(got, ref[key]))
     # nothing is left for direct/bias (the model has no projection bias)
-    assert torch.equal(out["direct/bias"], torch.zeros_like(out["direct/bias"]))
+    assert torch.equal(out.direct.bias, torch.zeros_like(out.direct.bias))
     # identity: the terms still sum to encode_image
     with torch.no_grad():
         encoded = copy.deepcopy(model).to(dtype).encode_image(images.to(dtype))
-    total = out["direct/embedding"] + out["direct/mlps"].sum(1) + out["direct/heads"].sum((1, 2)) + out["direct/bias"]
+    total = out.direct.embedding + out.direct.mlps.sum(1) + out.direct.heads.sum((1, 2)) + out.direct.bias
     assert rel_err(total, encoded) <= 10 * TOL[dtype]
     assert rel_err(ref["direct/embedding"] + ref["direct/mlps"].sum(1) + ref["direct/heads"].sum((1, 2)),
                    ref["image_embedding"]) <= 1e-12
@@ -79,8 +85,8 @@ def test_second_order_split_equals_the_literal_reference(randomized, name, sourc
     ref = reference_second_order(model.visual, images, source, neurons)
     spec = spec64.to(dtype=dtype)
     out = decompose(spec, images.to(dtype), DecomposeRequest(direct=False, second_order_layers=(source,)))
-    phi = second_order_effects(out[f"second_order/layer_{source}/weights"], second_order_directions(spec, source),
-                               out[f"second_order/layer_{source}/shared"], torch.tensor(neurons))
+    phi = second_order_effects(out.second_order[source].weights, second_order_directions(spec, source),
+                               out.second_order[source].shared, torch.tensor(neurons))
     assert phi.shape == ref.shape
     assert rel_err(phi, ref) <= TOL[dtype], rel_err(phi, ref)
 
@@ -99,5 +105,5 @@ def test_every_share_matters(randomized):
     # the heads' ln_post share alone is 1/(K₁·H) = 1/36 now and was 1/K = 1/25
     assert abs(1 / (new_k * n_heads) - 1 / old_k) > 1e-2
     center = decompose(spec, images, DecomposeRequest(convention="center"))
-    assert rel_err(center["direct/heads"], ref["direct/heads"]) > 1e-2
-    assert rel_err(out["direct/heads"], ref["direct/heads"]) <= 1e-12
+    assert rel_err(center.direct.heads, ref["direct/heads"]) > 1e-2
+    assert rel_err(out.direct.heads, ref["direct/heads"]) <= 1e-12

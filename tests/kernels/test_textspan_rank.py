@@ -86,7 +86,7 @@ def test_tiny_model_heads_picks_are_stable_under_noise(model_cache):
     spec = vit_spec_from_open_clip(model.visual).to(dtype=torch.float32)
     images = torch.randn(256, 3, *spec.image_size, generator=torch.Generator().manual_seed(4))
     out = decompose(spec, images, DecomposeRequest())
-    heads = out["direct/heads"] / out["image_embedding"].norm(dim=-1)[:, None, None, None]  # TextSpan's normalize
+    heads = out.direct.heads / out.image_embedding.norm(dim=-1)[:, None, None, None]  # TextSpan's normalize
     texts = _texts(9, 300, spec.embed_dim)
     stable = {"auto": 0, "past the rank": 0}
     n_heads = 0

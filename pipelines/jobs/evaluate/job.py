@@ -31,16 +31,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from clipscope.errors import ConfigError, StoreError
+from clipscope.errors import ConfigError, ParameterError, StoreError
 from clipscope.kernels.ablation import ablation_delta, masked_head_delta
 from clipscope.kernels.zero_shot import correct_counts, zero_shot_logits
 from clipscope.pipelines.models.loading import LoadedModel
-from clipscope.pipelines.jobs.means.job import _map_reduce, current_means, row_blocks, stale_means
+from clipscope.cluster.executor import Executor
+from clipscope.pipelines.jobs.means.job import current_means, reduce_rows, row_blocks, stale_means
 from clipscope.pipelines.texts.zero_shot import ZeroShotTask, classifier, get_task, store_classes
+from clipscope.storage.results import Reduction, begin_reduction, settings_digest
+from clipscope.storage import schema
 from clipscope.storage.store import RunStore
 
-RESULT_PREFIX = "reductions/evaluation"
-CLS_ARRAY = "direct/cls_token"
+RESULT_PREFIX = "reductions/evaluation"  # = schema.EVALUATION without the task
+CLS_ARRAY = schema.DIRECT_CLS_TOKEN.path()
+HEADS, MLPS, EMBEDDING = schema.DIRECT_HEADS.path(), schema.DIRECT_MLPS.path(), schema.IMAGE_EMBEDDING.path()
 # Rows converted to float64 at a time inside a block: bounds memory for wide models (ViT-L: ~150 MB).
 _ROWS_AT_ONCE = 64
 
@@ -65,8 +69,8 @@ class Ablation:
 
 
 def stored_head_layers(store: RunStore) -> list[int]:
-    layers = list(store.attrs.get("layers", {}).get("heads", []))
-    if not layers or "direct/heads" not in store.array_names():
+    layers = list(store.info.heads_layers)
+    if not layers or HEADS not in store.array_names():
         raise StoreError(f"{store.url} holds no direct effects of heads; extract it with --heads-layers")
     return layers
 
@@ -75,19 +79,19 @@ def parse_heads(spec: str, layers: Sequence[int], n_heads: int) -> tuple[tuple[i
     """'L10H3,L11H0' or '10:3,11:0' → ((10, 3), (11, 0)), checked against the stored layers and heads."""
     items = [item.strip() for item in spec.split(",")] if isinstance(spec, str) else []
     if not items or not all(items):
-        raise ConfigError(f"--heads must be a comma-separated list like L10H3,L11H0 or 10:3,11:0, got {spec!r}")
+        raise ParameterError("heads", f"must be a comma-separated list like L10H3,L11H0 or 10:3,11:0, got {spec!r}")
     heads: list[tuple[int, int]] = []
     for item in items:
         match = _HEAD_ITEM.match(item)
         if match is None:
-            raise ConfigError(f"--heads item {item!r} is not of the form L<layer>H<head> or <layer>:<head>")
+            raise ParameterError("heads", f"item {item!r} is not of the form L<layer>H<head> or <layer>:<head>")
         layer, head = (int(g) for g in (match.groups()[:2] if match.group(1) else match.groups()[2:]))
         if layer not in layers:
-            raise ConfigError(f"--heads {item}: layer {layer} has no stored head terms; stored layers: {list(layers)}")
+            raise ParameterError("heads", f"{item}: layer {layer} has no stored head terms; stored layers: {list(layers)}")
         if not 0 <= head < n_heads:
-            raise ConfigError(f"--heads {item}: head must be in 0..{n_heads - 1}, got {head}")
+            raise ParameterError("heads", f"{item}: head must be in 0..{n_heads - 1}, got {head}")
         if (layer, head) in heads:
-            raise ConfigError(f"--heads names L{layer}H{head} twice")
+            raise ParameterError("heads", f"names L{layer}H{head} twice")
         heads.append((layer, head))
     return tuple(heads)
 
@@ -113,7 +117,7 @@ def build_ablations(layers: Sequence[int], n_heads: int, *, heads: Sequence[str]
         out.append(Ablation(head_set_name(chosen), "heads", heads=chosen))
     for k in keep_last:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(layers):
-            raise ConfigError(f"--keep-last must be an integer in 1..{len(layers)} (the stored layers), got {k!r}")
+            raise ParameterError("keep_last", f"must be an integer in 1..{len(layers)} (the stored layers), got {k!r}")
         early = tuple((l, h) for l in layers[:len(layers) - k] for h in range(n_heads))
         out.append(Ablation(f"keep_last_{k}", "keep_last", mlps=True, heads=early))
     names = [a.name for a in out]
@@ -126,27 +130,28 @@ def build_ablations(layers: Sequence[int], n_heads: int, *, heads: Sequence[str]
 def needed_arrays(ablations: Sequence[Ablation]) -> list[str]:
     names = []
     if any(a.heads for a in ablations):
-        names.append("direct/heads")
+        names.append(HEADS)
     if any(a.mlps for a in ablations):
-        names.append("direct/mlps")
+        names.append(MLPS)
     if any(a.cls_token for a in ablations):
         names.append(CLS_ARRAY)
     return names
 
 
-def ablation_means(store: RunStore, names: Sequence[str], *, use_ray: bool = False) -> dict[str, np.ndarray]:
+def ablation_means(store: RunStore, names: Sequence[str], *,
+                   executor: Executor | None = None) -> dict[str, np.ndarray]:
     """Dataset means of `names` over the valid rows; computed (and stored) when missing or stale."""
     missing = [n for n in names if n not in store.array_names()]
     if CLS_ARRAY in missing:
         raise StoreError(f"{store.url} has no {CLS_ARRAY} (extracted before clipscope stored it); re-extract the "
                          "store to evaluate the class-token ablation, or leave it out (--no-cls-token)")
     if missing:
-        raise StoreError(f"{store.url} has no {missing[0]}; re-extract it with direct effects")
+        raise StoreError(f"{store.url} has no {missing[0]}; it is made by `clipscope extract` (re-extract the store)")
     stale = stale_means(store, names)
     if stale and store.mode != "r+":
         raise StoreError(f"{store.url} has no up-to-date dataset mean of {stale[0]} and is opened read-only; "
                          "open it writable (mode 'r+') so the means can be computed and stored")
-    return current_means(store, names, use_ray=use_ray)
+    return current_means(store, names, executor=executor)
 
 
 def _head_masks(ablations: Sequence[Ablation], layers: Sequence[int], n_heads: int) -> np.ndarray:
@@ -165,16 +170,16 @@ def iter_ablated_embeddings(store: RunStore, ablations: Sequence[Ablation], mean
     valid = store.read_valid(rows)
     row_numbers = np.arange(rows.start, rows.stop)[valid]
     layers = stored_head_layers(store)
-    masks = torch.from_numpy(_head_masks(ablations, layers, store.array("direct/heads").shape[2]))
+    masks = torch.from_numpy(_head_masks(ablations, layers, store.array(HEADS).shape[2]))
     uses_heads = masks.flatten(1).any(1).tolist()
-    arrays = {name: store.read(name, rows)[valid] for name in ["image_embedding", *needed_arrays(ablations)]}
+    arrays = {name: store.read(name, rows)[valid] for name in [EMBEDDING, *needed_arrays(ablations)]}
     mean = {name: torch.from_numpy(value) for name, value in means.items()}
     for start in range(0, len(row_numbers), _ROWS_AT_ONCE):
         part = {n: torch.from_numpy(v[start:start + _ROWS_AT_ONCE].astype(np.float64)) for n, v in arrays.items()}
-        emb = part["image_embedding"]
-        mlp = ablation_delta(part["direct/mlps"], mean["direct/mlps"]) if "direct/mlps" in part else None
+        emb = part[EMBEDDING]
+        mlp = ablation_delta(part[MLPS], mean[MLPS]) if MLPS in part else None
         cls = ablation_delta(part[CLS_ARRAY], mean[CLS_ARRAY]) if CLS_ARRAY in part else None
-        heads = part["direct/heads"] - mean["direct/heads"] if "direct/heads" in part else None
+        heads = part[HEADS] - mean[HEADS] if HEADS in part else None
         out = []
         for ablation, mask, with_heads in zip(ablations, masks, uses_heads):
             delta = torch.zeros_like(emb)
@@ -213,48 +218,67 @@ def _add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_ablations(store: RunStore, task: str | ZeroShotTask, *, heads: Sequence[str] = (),
-                       keep_last: Sequence[int] = (), include_cls: bool = True, use_ray: bool = False,
-                       loaded: LoadedModel | None = None) -> pa.Table:
+                       keep_last: Sequence[int] = (), include_cls: bool = True, executor: Executor | None = None,
+                       loaded: LoadedModel | None = None, allow_incomplete: bool = False,
+                       force: bool = False) -> pa.Table:
     """Zero-shot accuracy of `task` under every ablation; written into the store when it is writable.
 
     `heads` are named head sets ("L10H3,L11H0" or "10:3,11:0"), `keep_last` values k for the
     keep-only-the-last-k-layers'-heads ablations; `loaded` is the store's model (for the text side),
-    loaded from the store's identity when not given.
+    loaded from the store's identity when not given. The group `reductions/evaluation/<task>` is
+    written whole; a rerun with the same ablations and task on the same extraction reads it back
+    (unless `force`).
     """
     task = get_task(task) if isinstance(task, str) else task
     layers = stored_head_layers(store)
-    n_heads = store.array("direct/heads").shape[2]
+    n_heads = store.array(HEADS).shape[2]
     ablations = build_ablations(layers, n_heads, heads=heads, keep_last=keep_last, include_cls=include_cls)
+    settings = {"task": task.name, "ablations": [a.name for a in ablations], "prompts": settings_digest(task.prompts)}
+    with begin_reduction(store, "evaluate", settings, allow_incomplete=allow_incomplete, force=force) as run:
+        group = schema.EVALUATION.path(task=task.name)
+        if run.is_current(group):
+            correct = store.read_result(f"{group}/correct")
+            n = int(store.array(f"{group}/correct").attrs["n"])
+        else:
+            correct, n = _count_correct(store, task, ablations, executor, loaded)
+            if store.mode == "r+":
+                write_evaluation(store, task, ablations, correct / n, correct, n, layers, run=run)
+    return pa.table({
+        "ablation": [a.name for a in ablations],
+        "kind": [a.kind for a in ablations],
+        "layer": pa.array([a.layer for a in ablations], pa.int64()),
+        "accuracy": correct / n,
+        "correct": correct,
+        "n": pa.array([n] * len(ablations), pa.int64()),
+    })
+
+
+def _count_correct(store: RunStore, task: ZeroShotTask, ablations: Sequence[Ablation], executor: Executor | None,
+                   loaded: LoadedModel | None) -> tuple[np.ndarray, int]:
     classes = store_classes(store, task)
     if not (classes >= 0).any():
         raise ConfigError(f"{store.url} has no valid sample with a label for zero-shot task {task.name!r}; "
                           "its samples.parquet needs the `label` (cls) of each sample")
-    means = ablation_means(store, needed_arrays(ablations), use_ray=use_ray)
+    means = ablation_means(store, needed_arrays(ablations), executor=executor)
     weights = classifier(store, task, loaded)
-    counts = _map_reduce(row_blocks(store), _EvaluateBlock(store, tuple(ablations), means, weights, classes),
-                         _add_counts, use_ray)
-    accuracy = counts["correct"] / counts["n"]
-    table = pa.table({
-        "ablation": [a.name for a in ablations],
-        "kind": [a.kind for a in ablations],
-        "layer": pa.array([a.layer for a in ablations], pa.int64()),
-        "accuracy": accuracy,
-        "correct": counts["correct"],
-        "n": pa.array([counts["n"]] * len(ablations), pa.int64()),
-    })
-    if store.mode == "r+":
-        write_evaluation(store, task, ablations, accuracy, counts["correct"], counts["n"], layers)
-    return table
+    counts = reduce_rows(executor, store, row_blocks(store),
+                         _EvaluateBlock(store, tuple(ablations), means, weights, classes), _add_counts,
+                         desc="evaluate")
+    return counts["correct"], int(counts["n"])
 
 
 def write_evaluation(store: RunStore, task: ZeroShotTask, ablations: Sequence[Ablation], accuracy: np.ndarray,
-                     correct: np.ndarray, n: int, layers: Sequence[int]) -> None:
-    group = f"{RESULT_PREFIX}/{task.name}"
+                     correct: np.ndarray, n: int, layers: Sequence[int], *, run: Reduction | None = None) -> None:
+    """Replace `reductions/evaluation/<task>` (another run may have had other head sets) as one unit."""
+    group = schema.EVALUATION.path(task=task.name)
     attrs = {"task": task.name, "ablations": [a.name for a in ablations], "kinds": [a.kind for a in ablations],
              "n": int(n), "n_classes": len(task.classnames), "heads_layers": list(layers)}
-    store.delete_results(group)  # another run may have had other head sets
-    store.write_result(f"{group}/accuracy", np.asarray(accuracy, np.float64), ("ablation",), attrs)
-    store.write_result(f"{group}/correct", np.asarray(correct, np.int64), ("ablation",), attrs)
+    arrays = {"accuracy": (np.asarray(accuracy, np.float64), schema.EVALUATION.dims("accuracy"), attrs),
+              "correct": (np.asarray(correct, np.int64), schema.EVALUATION.dims("correct"), attrs)}
+    if run is not None:
+        run.write_group(group, arrays, attrs)
+    else:
+        store.write_result_group(group, arrays, attrs)
 
 
 def format_evaluation(table: pa.Table) -> str:
@@ -267,9 +291,10 @@ def format_evaluation(table: pa.Table) -> str:
     return "\n".join(lines)
 
 
-def plot_evaluation(table: pa.Table, path: str | Path, *, title: str = "") -> None:
+def plot_evaluation(table: pa.Table, path: str | Path, *, title: str = "", chance: float | None = None) -> None:
     """Accuracy against the last mean-ablated layer of the cumulative head ablations, with the
-    baseline, MLP and class-token ablations as horizontal lines."""
+    baseline, MLP, class-token, keep-last-k and head-set ablations as horizontal lines and the
+    chance level (`chance`, e.g. 1/classes) as a grey band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,18 +307,20 @@ def plot_evaluation(table: pa.Table, path: str | Path, *, title: str = "") -> No
     ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", color="tab:blue",
             label="heads of layers ≤ l mean-ablated")
     styles = {"baseline": ("black", "-"), "mlps": ("tab:orange", "--"), "cls_token": ("tab:green", "--"),
-              "mlps+cls_token": ("tab:red", ":")}
+              "mlps+cls_token": ("tab:red", ":"), "keep_last": ("tab:purple", "-."), "heads": ("tab:brown", "-.")}
     for name, kind, _, acc in rows:
         if kind in styles:
             colour, line = styles[kind]
-            ax.axhline(acc, color=colour, linestyle=line, label=f"{name} ({acc:.3f})")
+            label = name.replace("keep_last_", "only the last ") + (" layers' heads kept" if kind == "keep_last" else "")
+            ax.axhline(acc, color=colour, linestyle=line, label=f"{label} ({acc:.3f})")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=(0, (1, 3)), linewidth=2, label=f"chance ({chance:.3f})")
     ax.set_xlabel("last mean-ablated layer l")
     ax.set_ylabel("zero-shot accuracy")
     ax.set_ylim(0, 1)
     if curve:
         ax.set_xticks([c[0] for c in curve])
     ax.set_title(title or "accumulated mean-ablation of heads")
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from clipscope.errors import ConfigError
+from clipscope.errors import ConfigError, ParameterError
+from clipscope.params import Boolean, Each, Interval, NoneValue, Options, validate_parameters
 
 DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -35,42 +36,44 @@ class ExtractConfig:
     batch_size: int = 32
     device: str = "auto"
     rows_per_chunk: int = 256
-    workers: int | None = None  # None: in-process without a cluster; one actor per GPU/CPU on Ray
+    workers: int | None = None  # N: an embedded Ray with N CPU actors (on a cluster: N actors); None: in-process
     address: str | None = None
     retry_failed: bool = False
     allow_local_store: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
+    parameter_constraints: ClassVar = {
+        "batch_size": [Interval(int, 1)],
+        "rows_per_chunk": [Interval(int, 1)],
+        "workers": [NoneValue(), Interval(int, 1)],
+        "ln_convention": [Options("split", "center", text="split or center")],
+        "dtype": [Options(*DTYPES, text=f"one of {', '.join(DTYPES)}")],
+        "device": [Options(*DEVICES, text=f"one of {', '.join(DEVICES)}")],
+        "seed": [Interval(int)],
+        "second_order_layers": [Each(Interval(int, 0))],
+        "token_layers": [Each(Interval(int, 0))],
+        "activation_layers": [Each(Interval(int, 0))],
+        "heads_layers": [NoneValue(), Each(Interval(int, 0))],
+        "retry_failed": [Boolean()],
+        "allow_local_store": [Boolean()],
+    }
+
     def __post_init__(self) -> None:
         if not self.data:
             raise ConfigError("DATA must name at least one shard, pattern, directory or URL")
         if not self.out:
-            raise ConfigError("--out must name the store (a path or URL)")
-        for name in ("batch_size", "rows_per_chunk", "workers"):
-            value = getattr(self, name)
-            if name == "workers" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer ≥ 1, got {value!r}")
-        if self.ln_convention not in ("split", "center"):
-            raise ConfigError(f"--ln-convention must be split or center, got {self.ln_convention!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise ParameterError("out", "must name the store (a path or URL)")
+        validate_parameters(self.parameter_constraints, {name: getattr(self, name) for name in self.parameter_constraints})
         for name in ("second_order_layers", "token_layers", "activation_layers", "heads_layers"):
             value = getattr(self, name)
-            if value is None:
-                continue
-            if any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-                raise ConfigError(f"--{name.replace('_', '-')} must be integers, got {value!r}")
-            object.__setattr__(self, name, tuple(sorted(set(value))))
+            if value is not None:
+                object.__setattr__(self, name, tuple(sorted(set(value))))
         object.__setattr__(self, "data", tuple(self.data))
 
     @property
     def uses_ray(self) -> bool:
         """Ray runs the shards when asked for workers or a cluster (also through $RAY_ADDRESS)."""
-        return (self.workers or 1) > 1 or bool(self.address) or bool(os.environ.get("RAY_ADDRESS"))
+        return self.workers is not None or bool(self.address) or bool(os.environ.get("RAY_ADDRESS"))
 
     def result_dict(self) -> dict[str, Any]:
         """The fields that determine the store's bytes (JSON-ready)."""

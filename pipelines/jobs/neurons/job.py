@@ -31,14 +31,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from clipscope.errors import ConfigError, StoreError
+from clipscope.errors import ConfigError, ParameterError, StoreError
 from clipscope.kernels.zero_shot import count_correct
 from clipscope.kernels.omp import omp_path, path_reconstruction, reference_dictionary
 from clipscope.pipelines.models.loading import LoadedModel
-from clipscope.pipelines.jobs.means.job import _map_reduce, current_means, row_blocks
+from clipscope.cluster.executor import Executor, LocalExecutor
+from clipscope.pipelines.jobs.means.job import current_means, reduce_rows, row_blocks
 from clipscope.pipelines.texts.pools import TextPool
 from clipscope.pipelines.texts.embedding_cache import cached_text_embeddings, embeddings_key
 from clipscope.storage.layout import row_slices
+from clipscope.storage import schema
+from clipscope.storage.results import RESULT_ATTR, Reduction, begin_reduction, settings_digest
 from clipscope.storage.store import RunStore
 
 RESULT_PREFIX = "reductions/omp"
@@ -54,7 +57,7 @@ def second_order_command(store: RunStore, layer: int) -> str:
 
 def read_pcs(store: RunStore, layer: int) -> np.ndarray:
     """The unit PC per neuron [neuron embed] the second-order job stored for `layer`."""
-    name = f"{SECOND_ORDER_PREFIX}/layer_{layer}/pc"
+    name = f"{schema.SECOND_ORDER.path(layer=layer)}/pc"
     if name not in store.array_names():
         raise StoreError(f"{store.url} has no {name}; run `{second_order_command(store, layer)}` first")
     pcs = store.read_result(name).astype(np.float64)
@@ -65,7 +68,7 @@ def read_pcs(store: RunStore, layer: int) -> np.ndarray:
 
 def optional_second_order(store: RunStore, layer: int, name: str) -> np.ndarray | None:
     """`reductions/second_order/layer_{l}/<name>` if the second-order job stored it."""
-    full = f"{SECOND_ORDER_PREFIX}/layer_{layer}/{name}"
+    full = f"{schema.SECOND_ORDER.path(layer=layer)}/{name}"
     return store.read_result(full) if full in store.array_names() else None
 
 
@@ -77,10 +80,10 @@ def m_values(m: int | Sequence[int], pool_size: int) -> tuple[int, ...]:
     """The sparsities to solve: each requested m capped by the pool size, sorted, without repeats."""
     values = [m] if isinstance(m, int) else list(m)
     if not values:
-        raise ConfigError("--m must name at least one sparsity")
+        raise ParameterError("m", "must name at least one sparsity")
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"--m must be integers ≥ 1, got {value!r}")
+            raise ParameterError("m", f"must be integers ≥ 1, got {value!r}")
     return tuple(sorted({min(value, pool_size) for value in values}))
 
 
@@ -126,44 +129,59 @@ class NeuronDecomposition:
 
 
 def run_omp(store: RunStore, layer: int, pool: TextPool, *, m: int | Sequence[int] = DEFAULT_M,
-            reference_preprocessing: bool = False, use_ray: bool = False, loaded: LoadedModel | None = None,
-            neurons_per_task: int = NEURONS_PER_TASK) -> NeuronDecomposition:
-    """OMP of every neuron's PC of `layer` on the pool's texts; writes `reductions/omp/layer_{l}/…`."""
+            reference_preprocessing: bool = False, executor: Executor | None = None, loaded: LoadedModel | None = None,
+            neurons_per_task: int = NEURONS_PER_TASK, allow_incomplete: bool = False,
+            force: bool = False) -> NeuronDecomposition:
+    """OMP of every neuron's PC of `layer` on the pool's texts; writes `reductions/omp/layer_{l}/…` whole.
+
+    A rerun with the same pool, m, dictionary and PCs on the same extraction reads it back (unless `force`).
+    """
     if isinstance(neurons_per_task, bool) or not isinstance(neurons_per_task, int) or neurons_per_task < 1:
         raise ConfigError(f"neurons_per_task must be an integer ≥ 1, got {neurons_per_task!r}")
     pcs = read_pcs(store, layer)
     sparsities = m_values(m, len(pool.texts))
+    record = {"layer": layer, "pool_hash": pool.hash, "m": list(sparsities),
+              "reference_preprocessing": reference_preprocessing, "pc_sha256": pcs_digest(pcs)}
+    with begin_reduction(store, "neurons", record, allow_incomplete=allow_incomplete, force=force) as run:
+        if run.is_current(schema.OMP.path(layer=layer)):
+            return stored_decomposition(store, layer)
+        return _solve(run, layer, pool, pcs, sparsities, reference_preprocessing, executor, loaded, neurons_per_task)
+
+
+def _solve(run: Reduction, layer: int, pool: TextPool, pcs: np.ndarray, sparsities: tuple[int, ...],
+           reference_preprocessing: bool, executor: Executor | None, loaded: LoadedModel | None,
+           neurons_per_task: int) -> NeuronDecomposition:
+    store = run.store
     embeddings = cached_text_embeddings(store, pool.texts, pool_name=pool.name, loaded=loaded)
     if embeddings.shape[1] != pcs.shape[1]:
         raise StoreError(f"text embeddings have {embeddings.shape[1]} dims but the PCs of layer {layer} "
                          f"have {pcs.shape[1]}")
     task = _OMPTask(text_dictionary(embeddings, reference_preprocessing), pcs, sparsities)
-    if use_ray:
-        from clipscope.cluster.reduce import fan_out
-
-        parts = fan_out(task, row_slices(pcs.shape[0], neurons_per_task))
-    else:
-        parts = [task(slice(0, pcs.shape[0]))]
+    executor = executor if executor is not None else LocalExecutor()
+    chunks = row_slices(pcs.shape[0], neurons_per_task)
+    parts = executor.fan_out(task, chunks, desc="neurons OMP", unit="neurons",
+                             sizes=[chunk.stop - chunk.start for chunk in chunks])
     result = NeuronDecomposition(
         support=np.concatenate([p["support"] for p in parts]).astype(np.int64),
         coefs=np.concatenate([p["coefs"] for p in parts], axis=1),
         residual_norm=np.concatenate([p["residual_norm"] for p in parts]),
         m=sparsities,
         attrs={"pool": pool.name, "pool_hash": pool.hash, "n_texts": len(pool.texts),
-               "texts_key": embeddings_key(pool.texts, store.attrs.get("model", {})), "m": list(sparsities),
+               "texts_key": embeddings_key(pool.texts, store.info.model.to_dict()), "m": list(sparsities),
                "preprocessing": "reference" if reference_preprocessing else "none", "pc_sha256": pcs_digest(pcs)},
     )
-    group = f"{RESULT_PREFIX}/layer_{layer}"
-    store.delete_results(group)  # another pool or m changes the shapes; an old accuracy would be stale
-    store.write_result(f"{group}/m", np.asarray(sparsities, np.int64), ("m",), result.attrs)
-    store.write_result(f"{group}/support", result.support, ("neuron", "pick"), result.attrs)
-    store.write_result(f"{group}/coefs", result.coefs, ("m", "neuron", "pick"), result.attrs)
-    store.write_result(f"{group}/residual_norm", result.residual_norm, ("neuron", "m"), result.attrs)
+    # replaced whole: another pool or m changes the shapes, and an old accuracy would be stale
+    run.write_group(schema.OMP.path(layer=layer), {
+        "m": (np.asarray(sparsities, np.int64), schema.OMP.dims("m"), result.attrs),
+        "support": (result.support, schema.OMP.dims("support"), result.attrs),
+        "coefs": (result.coefs, schema.OMP.dims("coefs"), result.attrs),
+        "residual_norm": (result.residual_norm, schema.OMP.dims("residual_norm"), result.attrs),
+    }, result.attrs)
     return result
 
 
 def stored_decomposition(store: RunStore, layer: int) -> NeuronDecomposition:
-    group = f"{RESULT_PREFIX}/layer_{layer}"
+    group = schema.OMP.path(layer=layer)
     if f"{group}/support" not in store.array_names():
         raise StoreError(f"{store.url} has no {group}; run `clipscope neurons {store.url} --layer {layer}` first")
     return NeuronDecomposition(
@@ -180,7 +198,7 @@ def reconstructions(store: RunStore, layer: int) -> tuple[NeuronDecomposition, n
     if pcs_digest(pcs) != result.attrs["pc_sha256"]:
         raise StoreError(f"the PCs of layer {layer} changed since its OMP ran; rerun "
                          f"`clipscope neurons {store.url} --layer {layer}`")
-    name = f"text_embeddings/{result.attrs['texts_key']}/embeddings"
+    name = schema.TEXT_EMBEDDINGS.path(key=result.attrs["texts_key"])
     if name not in store.array_names():
         raise StoreError(f"{store.url} lost the text embeddings {name} of the OMP of layer {layer}; rerun it")
     atoms = text_dictionary(store.read_result(name), result.attrs["preprocessing"] == "reference")
@@ -211,16 +229,17 @@ class _ReplaceBlock:
 
     def embeddings(self, rows: slice) -> tuple[np.ndarray, np.ndarray]:
         """(valid mask of the block, [1 + variant, valid sample, embed]: the original embedding first)."""
-        group = f"second_order/layer_{self.layer}"
         valid = self.store.read_valid(rows)
-        emb = self.store.read("image_embedding", rows)[valid].astype(np.float64)
-        dq = self.store.read(f"{group}/weights", rows)[valid].astype(np.float64) - self.q_mean
+        emb = self.store.read(schema.IMAGE_EMBEDDING.path(), rows)[valid].astype(np.float64)
+        weights = schema.SECOND_ORDER_WEIGHTS.path(layer=self.layer)
+        dq = self.store.read(weights, rows)[valid].astype(np.float64) - self.q_mean
         n_samples, n_neurons = dq.shape[0], dq.shape[-1]
         # Σ_n (φ_n − φ̄_n) and x_n = ⟨φ_n − φ̄_n, r_n⟩, with φ_n − φ̄_n = D_nᵀ(q_n − q̄_n) + (s − s̄)
         total = dq.reshape(n_samples, -1) @ self.directions.reshape(-1, self.directions.shape[-1])
         x = np.einsum("slhn,lhn->sn", dq, self.along_pc)
         if self.shared_mean is not None:
-            ds = self.store.read(f"{group}/shared", rows)[valid].astype(np.float64) - self.shared_mean
+            shared = schema.SECOND_ORDER_SHARED.path(layer=self.layer)
+            ds = self.store.read(shared, rows)[valid].astype(np.float64) - self.shared_mean
             total += n_neurons * ds
             x += ds @ self.pcs.T
         kept = emb - total
@@ -249,25 +268,28 @@ class ReconstructionAccuracy:
 
 
 def replace_block(store: RunStore, layer: int, weights: np.ndarray, classes: np.ndarray, *,
-                  use_ray: bool = False) -> tuple[_ReplaceBlock, tuple[int, ...]]:
+                  executor: Executor | None = None) -> tuple[_ReplaceBlock, tuple[int, ...]]:
     """The map function of `reconstruction_accuracy` (variants: r, then r̂ for each m) and the m values."""
     result, pcs, recon = reconstructions(store, layer)
-    group = f"second_order/layer_{layer}"
-    names = [f"{group}/weights"] + ([f"{group}/shared"] if f"{group}/shared" in store.array_names() else [])
-    means = current_means(store, names, use_ray=use_ray)
-    directions = store.read_result(f"{group}/directions").astype(np.float64)
+    weights_name, shared = schema.SECOND_ORDER_WEIGHTS.path(layer=layer), schema.SECOND_ORDER_SHARED.path(layer=layer)
+    names = [weights_name] + ([shared] if shared in store.array_names() else [])
+    means = current_means(store, names, executor=executor)
+    directions_name = schema.SECOND_ORDER_DIRECTIONS.path(layer=layer)
+    directions = store.read_result(directions_name).astype(np.float64)
     if directions.shape[2:] != pcs.shape:
-        raise StoreError(f"{group}/directions {directions.shape} does not fit the PCs {pcs.shape}")
+        raise StoreError(f"{directions_name} {directions.shape} does not fit the PCs {pcs.shape}")
     block = _ReplaceBlock(
         store=store, layer=layer, directions=directions, along_pc=np.einsum("lhne,ne->lhn", directions, pcs),
         pcs=pcs, variants=np.concatenate([pcs[None], recon]), q_mean=means[names[0]],
-        shared_mean=means.get(f"{group}/shared"), weights=weights, classes=classes,
+        shared_mean=means.get(shared), weights=weights, classes=classes,
     )
     return block, result.m
 
 
-def reconstruction_accuracy(store: RunStore, layer: int, *, task: str | None = None, use_ray: bool = False,
-                            loaded: LoadedModel | None = None) -> ReconstructionAccuracy:
+def reconstruction_accuracy(store: RunStore, layer: int, *, task: str | None = None,
+                            executor: Executor | None = None,
+                            loaded: LoadedModel | None = None, allow_incomplete: bool = False,
+                            force: bool = False) -> ReconstructionAccuracy:
     """Zero-shot accuracy when every neuron of `layer` is replaced by its sparse text reconstruction.
 
     The paper (§3.3, §4) approximates φ_n(I) ≈ x_n(I) r_n + b_n with b_n = φ̄_n (mean over the
@@ -284,19 +306,30 @@ def reconstruction_accuracy(store: RunStore, layer: int, *, task: str | None = N
     from clipscope.pipelines.texts.zero_shot import classifier, default_task, get_task, store_classes
 
     zero_shot = get_task(task or default_task(store))
-    classes = store_classes(store, zero_shot)
-    if not (classes >= 0).any():
-        raise ConfigError(f"no valid sample of {store.url} has a class under the zero-shot task {zero_shot.name!r}")
-    weights = classifier(store, zero_shot, loaded)
-    block, sparsities = replace_block(store, layer, weights, classes, use_ray=use_ray)
-    counts = _map_reduce(row_blocks(store), block, _add, use_ray)
-    rates = counts["correct"] / counts["labelled"]
-    out = ReconstructionAccuracy(zero_shot.name, sparsities, rates[2:], float(rates[1]), float(rates[0]),
-                                 int(counts["labelled"]))
-    if store.mode == "r+":
-        attrs = {"task": out.task, "pc1_accuracy": out.pc_accuracy, "baseline_accuracy": out.baseline,
-                 "n_labelled": out.n_labelled, "projection": "pc"}
-        store.write_result(f"{RESULT_PREFIX}/layer_{layer}/accuracy", out.accuracy, ("m",), attrs)
+    name = f"{schema.OMP.path(layer=layer)}/accuracy"
+    group_attrs = store.result_group_attrs(schema.OMP.path(layer=layer)) or {}
+    record = {"layer": layer, "task": zero_shot.name, "prompts": settings_digest(zero_shot.prompts),
+              "omp": settings_digest(group_attrs.get(RESULT_ATTR))}
+    with begin_reduction(store, "neurons accuracy", record, allow_incomplete=allow_incomplete, force=force) as run:
+        if run.is_current_array(name):
+            attrs = store.array(name).attrs
+            m = tuple(int(v) for v in store.read_result(f"{schema.OMP.path(layer=layer)}/m"))
+            return ReconstructionAccuracy(attrs["task"], m, store.read_result(name), attrs["pc1_accuracy"],
+                                          attrs["baseline_accuracy"], attrs["n_labelled"])
+        classes = store_classes(store, zero_shot)
+        if not (classes >= 0).any():
+            raise ConfigError(f"no valid sample of {store.url} has a class under the zero-shot task "
+                              f"{zero_shot.name!r}; skip the accuracy with --no-accuracy")
+        weights = classifier(store, zero_shot, loaded)
+        block, sparsities = replace_block(store, layer, weights, classes, executor=executor)
+        counts = reduce_rows(executor, store, row_blocks(store), block, _add, desc="neurons accuracy")
+        rates = counts["correct"] / counts["labelled"]
+        out = ReconstructionAccuracy(zero_shot.name, sparsities, rates[2:], float(rates[1]), float(rates[0]),
+                                     int(counts["labelled"]))
+        if store.mode == "r+":
+            attrs = {"task": out.task, "pc1_accuracy": out.pc_accuracy, "baseline_accuracy": out.baseline,
+                     "n_labelled": out.n_labelled, "projection": "pc"}
+            run.write_array(name, out.accuracy, schema.OMP.dims("accuracy"), attrs)
     return out
 
 
@@ -312,14 +345,14 @@ def neuron_table(store: RunStore, layer: int, pool: TextPool, *, m: int, top: in
         raise StoreError(f"the OMP of layer {layer} used pool {result.attrs['pool']!r}, not {pool.name!r} "
                          f"(its texts differ); rerun `clipscope neurons` with this pool")
     if m not in result.m:
-        raise ConfigError(f"--m {m} was not solved for layer {layer}; stored m: {list(result.m)}")
+        raise ParameterError("m", f"{m} was not solved for layer {layer}; stored m: {list(result.m)}")
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ConfigError(f"--top must be an integer ≥ 1, got {top!r}")
+        raise ParameterError("top", f"must be an integer ≥ 1, got {top!r}")
     n_neurons = result.support.shape[0]
     chosen = list(range(n_neurons)) if neurons is None else [int(n) for n in neurons]
     bad = [n for n in chosen if not 0 <= n < n_neurons]
     if bad:
-        raise ConfigError(f"--neurons must lie in 0..{n_neurons - 1}, got {bad[0]}")
+        raise ParameterError("neurons", f"must lie in 0..{n_neurons - 1}, got {bad[0]}")
     i = result.m.index(m)
     explained = optional_second_order(store, layer, "pc_explained")
     columns: dict[str, list] = {k: [] for k in ("layer", "neuron", "rank", "text_index", "text", "coefficient",

@@ -17,7 +17,8 @@ import torch
 from clipscope.errors import ConfigError, StoreError
 from clipscope.kernels.zero_shot import count_correct
 from clipscope.kernels.second_order_ablation import ABLATIONS, ablated_embeddings, ablation_terms, add_terms
-from clipscope.pipelines.jobs.means.job import _map_reduce, row_blocks
+from clipscope.cluster.executor import Executor
+from clipscope.pipelines.jobs.means.job import reduce_rows, row_blocks
 from clipscope.pipelines.jobs.second_order.job import (
     LayerArrays,
     SecondOrderSettings,
@@ -29,6 +30,8 @@ from clipscope.pipelines.jobs.second_order.job import (
     result_prefix,
 )
 from clipscope.pipelines.texts.zero_shot import ZeroShotTask, classifier, store_classes
+from clipscope.storage import schema
+from clipscope.storage.results import begin_reduction, settings_digest
 from clipscope.storage.store import RunStore
 
 ABLATION_LABELS = {
@@ -70,7 +73,7 @@ class AblationBlock:
         """The labelled rows of a block and their embeddings [ablation sample embed]."""
         keep = self.classes[rows] >= 0
         index = np.arange(rows.start, rows.stop)[keep]
-        emb = torch.from_numpy(self.store.read("image_embedding", rows)[keep].astype(np.float64))
+        emb = torch.from_numpy(self.store.read(schema.IMAGE_EMBEDDING.path(), rows)[keep].astype(np.float64))
         dq, ds = read_centred(self.store, self.arrays, rows, keep, self.q_mean, self.shared_mean)
         in_top = torch.from_numpy(top_membership(self.top_rows, index))
         terms = None
@@ -116,30 +119,47 @@ def ablation_block(store: RunStore, layer: int, weights: np.ndarray, classes: np
 
 
 def evaluate_ablations(store: RunStore, layer: int, weights: np.ndarray, classes: np.ndarray, *,
-                       settings: SecondOrderSettings = SecondOrderSettings(), use_ray: bool = False
+                       settings: SecondOrderSettings = SecondOrderSettings(), executor: Executor | None = None
                        ) -> dict[str, float]:
     """Accuracy under every ablation (and the number of labelled rows, key `labelled`) for classifier
     `weights` [embed class] and `classes` [row] (−1: not scored); predictions are the arg-max of
     embedding · weights, as in `zero_shot.accuracy`. Needs `run_second_order`'s results for `layer`."""
     block = ablation_block(store, layer, weights, classes, settings)
-    counts = _map_reduce(row_blocks(store, settings.chunks_per_block), block, _add, use_ray)
+    counts = reduce_rows(executor, store, row_blocks(store, settings.chunks_per_block), block, _add,
+                         desc="second-order evaluation")
     if counts[-1] == 0:
-        raise ConfigError("no labelled samples to score; the zero-shot task needs the samples' labels")
+        raise ConfigError("no labelled samples to score; the zero-shot task needs the samples' labels (.cls in "
+                          "the shards); skip the evaluation with --no-evaluation")
     table: dict[str, float] = {name: float(c) / float(counts[-1]) for name, c in zip(ABLATIONS, counts[:-1])}
     table["labelled"] = int(counts[-1])
     return table
 
 
 def run_evaluation(store: RunStore, layer: int, task: ZeroShotTask, *,
-                   settings: SecondOrderSettings = SecondOrderSettings(), use_ray: bool = False) -> dict[str, float]:
+                   settings: SecondOrderSettings = SecondOrderSettings(), executor: Executor | None = None,
+                   allow_incomplete: bool = False, force: bool = False) -> dict[str, float]:
     """`evaluate_ablations` with `task`'s zero-shot classifier; writes
-    reductions/second_order/layer_{l}/evaluation [ablation] (names in attrs)."""
-    classes = store_classes(store, task)
-    table = evaluate_ablations(store, layer, classifier(store, task), classes, settings=settings, use_ray=use_ray)
-    if store.mode == "r+":
-        store.write_result(f"{result_prefix(layer)}/evaluation", np.array([table[a] for a in ABLATIONS]),
-                           ("ablation",), {"ablations": list(ABLATIONS), "task": task.name,
-                                           "labelled": table["labelled"], "layer": layer})
+    reductions/second_order/layer_{l}/evaluation [ablation] (names in attrs), complete or absent. A rerun
+    for the same task, PCs and extraction reads it back (unless `force`)."""
+    name = f"{result_prefix(layer)}/evaluation"
+    record = {"layer": layer, "task": task.name, "prompts": settings_digest(task.prompts),
+              "chunks_per_block": settings.chunks_per_block}
+    if f"{result_prefix(layer)}/pc" in store.array_names():
+        record["pc"] = settings_digest(store.read_result(f"{result_prefix(layer)}/pc"))
+    with begin_reduction(store, "second-order evaluation", record, allow_incomplete=allow_incomplete,
+                         force=force) as run:
+        if run.is_current_array(name):
+            values = store.read_result(name)
+            table = {a: float(v) for a, v in zip(ABLATIONS, values)}
+            table["labelled"] = int(store.array(name).attrs["labelled"])
+            return table
+        classes = store_classes(store, task)
+        table = evaluate_ablations(store, layer, classifier(store, task), classes, settings=settings,
+                                   executor=executor)
+        if store.mode == "r+":
+            run.write_array(name, np.array([table[a] for a in ABLATIONS]), schema.SECOND_ORDER.dims("evaluation"),
+                            {"ablations": list(ABLATIONS), "task": task.name, "labelled": table["labelled"],
+                             "layer": layer})
     return table
 
 

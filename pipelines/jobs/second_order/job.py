@@ -32,15 +32,16 @@ images" is an ablation over each neuron's 100 largest-norm images out of ~5000 (
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from clipscope.errors import ConfigError
+from clipscope.errors import ConfigError, StoreError
 from clipscope.kernels.neuron_pca import (
     DEFAULT_TOP_K,
     NeuronFactors,
@@ -52,7 +53,11 @@ from clipscope.kernels.neuron_pca import (
     topk_merge,
     topk_update,
 )
-from clipscope.pipelines.jobs.means.job import _map_reduce, current_means, row_blocks
+from clipscope.cluster.executor import Executor, LocalExecutor
+from clipscope.pipelines.jobs.means.job import current_means, reduce_rows, row_blocks
+from clipscope.params import Interval, Validated, check_parameter
+from clipscope.storage import schema
+from clipscope.storage.results import Reduction, begin_reduction
 from clipscope.storage.store import RunStore
 
 RESULT_PREFIX = "reductions/second_order"
@@ -61,20 +66,8 @@ OCTAVES = (-40, 24)  # ν below 2^-40 or above 2^24 lands in the first or last b
 SIGNIFICANCE_PERCENT = 98
 
 RESULT_DIMS: dict[str, tuple[str, ...]] = {
-    "mean_weights": ("later_layer", "head", "neuron"),
-    "mean_shared": ("embed",),
-    "norm_mean": ("neuron",),
-    "norm_max": ("neuron",),
-    "norm_p98": ("neuron",),
-    "energy_topk": ("neuron",),
-    "significant_share": ("neuron",),
-    "norm_histogram": ("neuron", "bin"),
-    "norm_bin_edges": ("edge",),
-    "topk_rows": ("neuron", "rank"),
-    "topk_norms": ("neuron", "rank"),
-    "pc": ("neuron", "embed"),
-    "pc_explained": ("neuron",),
-}
+    leaf: schema.SECOND_ORDER.dims(leaf) for leaf in schema.SECOND_ORDER.leaves if leaf != "evaluation"
+}  # the arrays run_second_order writes (`evaluation` is added by the ablation step)
 
 
 def norm_bin_edges() -> np.ndarray:
@@ -83,20 +76,16 @@ def norm_bin_edges() -> np.ndarray:
 
 
 def result_prefix(layer: int) -> str:
-    return f"{RESULT_PREFIX}/layer_{layer}"
+    return schema.SECOND_ORDER.path(layer=layer)
 
 
 @dataclass(frozen=True)
-class SecondOrderSettings:
+class SecondOrderSettings(Validated):
     top_k: int = DEFAULT_TOP_K
     neuron_chunk: int = 256  # neurons per PC task and per contraction (bounds [rows, chunk, embed] temporaries)
     chunks_per_block: int = 4  # store chunks per row block of a map task
 
-    def __post_init__(self) -> None:
-        for name in ("top_k", "neuron_chunk", "chunks_per_block"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer ≥ 1, got {value!r}")
+    parameter_constraints: ClassVar = {name: [Interval(int, 1)] for name in ("top_k", "neuron_chunk", "chunks_per_block")}
 
 
 @dataclass(frozen=True)
@@ -119,18 +108,22 @@ def second_order_layers(store: RunStore) -> list[int]:
 
 
 def layer_arrays(store: RunStore, layer: int) -> LayerArrays:
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise ConfigError(f"--layer must be an integer, got {layer!r}")
-    base = f"second_order/layer_{layer}"
+    check_parameter("layer", layer, [Interval(int, 0)])
+    weights, directions = schema.SECOND_ORDER_WEIGHTS.path(layer=layer), schema.SECOND_ORDER_DIRECTIONS.path(layer=layer)
+    shared = schema.SECOND_ORDER_SHARED.path(layer=layer)
     names = set(store.array_names())
-    if f"{base}/weights" not in names or f"{base}/directions" not in names:
+    if weights not in names or directions not in names:
         raise ConfigError(f"layer {layer} has no second-order arrays in {store.url}; "
-                          f"stored second-order layers: {second_order_layers(store)}")
-    shared = f"{base}/shared" if f"{base}/shared" in names else None
-    return LayerArrays(layer, f"{base}/weights", f"{base}/directions", shared)
+                          f"stored second-order layers: {second_order_layers(store)}; they are made by "
+                          f"`clipscope extract … --second-order-layers {layer}`")
+    convention = store.info.ln_convention
+    if convention == "split" and shared not in names:
+        raise StoreError(f"{store.url} was extracted with the split convention but lacks {shared}; re-extract it")
+    has_shared = shared in names if convention is None else convention == "split"
+    return LayerArrays(layer, weights, directions, shared if has_shared else None)
 
 
-def layer_means(store: RunStore, arrays: LayerArrays, *, use_ray: bool = False) -> dict[str, Any]:
+def layer_means(store: RunStore, arrays: LayerArrays, *, executor: Executor | None = None) -> dict[str, Any]:
     """q̄ [later_layer head neuron] and s̄ [embed] (None under `center`) over valid rows, and the count.
 
     Means already in `reductions/means` are reused when written for the current number of valid
@@ -140,7 +133,7 @@ def layer_means(store: RunStore, arrays: LayerArrays, *, use_ray: bool = False) 
     count = int(store.read_valid().sum())
     if count == 0:
         raise ConfigError(f"{store.url} has no valid rows to reduce")
-    means = current_means(store, names, use_ray=use_ray)
+    means = current_means(store, names, executor=executor)
     return {"weights": means[arrays.weights], "shared": means.get(arrays.shared), "count": count}
 
 
@@ -317,19 +310,50 @@ class SecondOrderResult:
 
 
 def run_second_order(store: RunStore, layer: int, *, settings: SecondOrderSettings = SecondOrderSettings(),
-                     use_ray: bool = False, write: bool = True) -> SecondOrderResult:
-    """Norm statistics, top-k rows and rank-1 PCs of every neuron of `layer` (see the module docstring)."""
+                     executor: Executor | None = None, write: bool = True, allow_incomplete: bool = False,
+                     force: bool = False) -> SecondOrderResult:
+    """Norm statistics, top-k rows and rank-1 PCs of every neuron of `layer` (see the module docstring).
+
+    The group `reductions/second_order/layer_{l}` is written whole; a rerun with the same settings on the
+    same extraction reads it back instead (unless `force`).
+    """
+    layer_arrays(store, layer)  # a missing layer fails before the lock is taken
+    with begin_reduction(store, "second-order", {"layer": layer, **dataclasses.asdict(settings)},
+                         allow_incomplete=allow_incomplete, force=force) as run:
+        if run.is_current(result_prefix(layer)):
+            return stored_result(store, layer)
+        return _compute(run, layer, settings, executor, write)
+
+
+def stored_result(store: RunStore, layer: int) -> SecondOrderResult:
+    """The SecondOrderResult a run wrote for `layer` (StoreError when there is none)."""
+    prefix = result_prefix(layer)
+    names = set(store.array_names())
+    if f"{prefix}/pc" not in names:
+        raise StoreError(f"{store.url} has no second-order results for layer {layer}; run "
+                         f"`clipscope second-order {store.url} --layer {layer}` first")
+    arrays = {key: store.read_result(f"{prefix}/{key}") for key in RESULT_DIMS if f"{prefix}/{key}" in names}
+    attrs = {k: v for k, v in store.array(f"{prefix}/pc").attrs.asdict().items() if not k.startswith("clipscope_")}
+    return SecondOrderResult(layer, arrays, attrs)
+
+
+def _compute(run: Reduction, layer: int, settings: SecondOrderSettings, executor: Executor | None,
+             write: bool) -> SecondOrderResult:
+    store = run.store
+    executor = executor if executor is not None else LocalExecutor()
     arrays = layer_arrays(store, layer)
-    means = layer_means(store, arrays, use_ray=use_ray)
+    means = layer_means(store, arrays, executor=executor)
     model = layer_model(store, arrays, means)
     blocks = row_blocks(store, settings.chunks_per_block)
-    norms: NormPartial = _map_reduce(blocks, _NormBlock(store, model, settings.top_k, settings.neuron_chunk),
-                                     merge_norm_partials, use_ray)
+    norms: NormPartial = reduce_rows(executor, store, blocks,
+                                     _NormBlock(store, model, settings.top_k, settings.neuron_chunk),
+                                     merge_norm_partials, desc="second-order norms")
     top_rows = norms.top.rows.numpy()  # [neuron slot], slot < min(k, count)
     n_neurons, n_slots = top_rows.shape
 
     wanted = [b for b in blocks if bool(((top_rows >= b.start) & (top_rows < b.stop)).any())]
-    ids, values = _map_reduce(wanted, _GatherBlock(store, arrays.weights, top_rows), _concat, use_ray)
+    ids, values = reduce_rows(executor, store, wanted, _GatherBlock(store, arrays.weights, top_rows), _concat,
+                              desc="second-order top rows")
     q_top = np.empty((n_neurons * n_slots, values.shape[1]), np.float64)
     q_top[ids] = values
     dq_top = q_top.reshape(n_neurons, n_slots, -1) - model.q_mean[:, None, :]
@@ -339,16 +363,12 @@ def run_second_order(store: RunStore, layer: int, *, settings: SecondOrderSettin
         solver = _PCSolver(unique_rows, store.read(arrays.shared, unique_rows).astype(np.float64) - model.shared_mean)
     items = [_PCChunk(np.ascontiguousarray(dq_top[chunk]), top_rows[chunk], model.basis[chunk], model.coords[chunk])
              for chunk in chunk_slices(n_neurons, settings.neuron_chunk)]
-    if use_ray:
-        from clipscope.cluster.reduce import fan_out
-
-        solved = fan_out(solver, items)
-    else:
-        solved = [solver(item) for item in items]
+    solved = executor.fan_out(solver, items, desc="second-order PCs", unit="neurons",
+                              sizes=[len(item.top_rows) for item in items])
 
     result = _assemble(layer, settings, means, norms, solved)
     if write:
-        write_result(store, result)
+        write_result(store, result, run=run)
     return result
 
 
@@ -389,12 +409,15 @@ def _assemble(layer: int, settings: SecondOrderSettings, means: dict[str, Any], 
     return SecondOrderResult(layer, arrays, attrs)
 
 
-def write_result(store: RunStore, result: SecondOrderResult) -> None:
-    """Replace everything under reductions/second_order/layer_{l} (an evaluation of older PCs included)."""
+def write_result(store: RunStore, result: SecondOrderResult, *, run: Reduction | None = None) -> None:
+    """Replace everything under reductions/second_order/layer_{l} (an evaluation of older PCs included),
+    as one unit: the group is complete or absent."""
     prefix = result_prefix(result.layer)
-    store.delete_results(prefix)
-    for name, value in result.arrays.items():
-        store.write_result(f"{prefix}/{name}", value, RESULT_DIMS[name], result.attrs)
+    arrays = {name: (value, RESULT_DIMS[name], result.attrs) for name, value in result.arrays.items()}
+    if run is not None:
+        run.write_group(prefix, arrays, result.attrs)
+    else:
+        store.write_result_group(prefix, arrays, result.attrs)
 
 
 def format_summary(result: SecondOrderResult) -> str:

@@ -33,12 +33,15 @@ import numpy as np
 import torch
 
 from clipscope.kernels.zero_shot import count_correct
-from clipscope.errors import ConfigError
+from clipscope.errors import ConfigError, ParameterError
 from clipscope.pipelines.models.loading import LoadedModel
-from clipscope.pipelines.jobs.means.job import _add_sums, _map_reduce, head_positions, row_blocks
+from clipscope.cluster.executor import Executor
+from clipscope.pipelines.jobs.means.job import _add_sums, head_positions, reduce_rows, row_blocks
 from clipscope.pipelines.jobs.textspan.job import RESULT_PREFIX
 from clipscope.pipelines.texts.embedding_cache import cached_text_embeddings, embeddings_key
 from clipscope.pipelines.texts.zero_shot import ZeroShotTask, classifier, get_task, store_classes
+from clipscope.storage import schema
+from clipscope.storage.results import store_lock
 from clipscope.storage.store import RunStore
 
 CURVE_PREFIX = f"{RESULT_PREFIX}/curve"
@@ -70,7 +73,7 @@ def check_basis_sizes(basis_sizes: Sequence[int]) -> tuple[int, ...]:
     """The curve's m values, sorted and without repeats."""
     sizes = tuple(basis_sizes)
     if not sizes or any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1 for m in sizes):
-        raise ConfigError(f"--curve-sizes must be integers ≥ 1, got {list(sizes)!r}")
+        raise ParameterError("basis_sizes", f"must be integers ≥ 1, got {list(sizes)!r}")
     return tuple(sorted({int(m) for m in sizes}))
 
 
@@ -78,7 +81,7 @@ def stored_picks(store: RunStore, layers: Sequence[int], needed: int) -> _Stored
     """The TextSpan picks of every head of `layers`, checked to come from one search with ≥ `needed` picks."""
     indices, settings = [], set()
     for layer in layers:
-        name = f"{RESULT_PREFIX}/layer_{layer}/indices"
+        name = f"{schema.TEXTSPAN.path(layer=layer)}/indices"
         if name not in store.array_names():
             raise ConfigError(f"{store.url} has no TextSpan results for layer {layer}; run `clipscope textspan` first")
         picks = store.read_result(name)
@@ -99,11 +102,11 @@ def stored_picks(store: RunStore, layers: Sequence[int], needed: int) -> _Stored
 def _pool_embeddings(store: RunStore, picks: _StoredPicks, texts: Sequence[str] | None,
                      loaded: LoadedModel | None) -> np.ndarray:
     if texts is not None:
-        if embeddings_key(texts, store.attrs.get("model", {})) != picks.texts_key:
+        if embeddings_key(texts, store.info.model.to_dict()) != picks.texts_key:
             raise ConfigError(f"the TextSpan results were searched with another text pool (stored: {picks.pool!r}); "
                               "pass the pool TextSpan ran on")
         return cached_text_embeddings(store, texts, loaded=loaded)
-    name = f"text_embeddings/{picks.texts_key}/embeddings"
+    name = schema.TEXT_EMBEDDINGS.path(key=picks.texts_key)
     if name not in store.array_names():
         raise ConfigError(f"the embeddings of the TextSpan pool {picks.pool!r} are not cached in {store.url}; "
                           "pass its texts (--pool)")
@@ -123,8 +126,8 @@ def pick_directions(embeddings: np.ndarray, indices: np.ndarray) -> np.ndarray:
 
 
 def _read_block(store: RunStore, rows: slice, positions: tuple[int, ...], keep: np.ndarray, normalize: bool):
-    embedding = store.read("image_embedding", rows)[keep].astype(np.float64)
-    heads = store.array("direct/heads").oindex[rows, list(positions)][keep].astype(np.float64)
+    embedding = store.read(schema.IMAGE_EMBEDDING.path(), rows)[keep].astype(np.float64)
+    heads = store.array(schema.DIRECT_HEADS.path()).oindex[rows, list(positions)][keep].astype(np.float64)
     if normalize:
         scale = np.maximum(np.linalg.norm(embedding, axis=-1), 1e-12)
         embedding = embedding / scale[:, None]
@@ -182,7 +185,7 @@ class _CurveCounts:
 
 def reconstruction_curve(store: RunStore, layers: Sequence[int], *, texts: Sequence[str] | None = None,
                          task: str | ZeroShotTask, basis_sizes: Sequence[int] = DEFAULT_BASIS_SIZES,
-                         use_ray: bool = False, loaded: LoadedModel | None = None) -> CurveResult:
+                         executor: Executor | None = None, loaded: LoadedModel | None = None) -> CurveResult:
     """Zero-shot accuracy with the heads of `layers` projected onto their first m TextSpan texts.
 
     Needs `run_textspan` on `layers` with basis_size ≥ max(basis_sizes). `texts` (the pool TextSpan
@@ -192,22 +195,25 @@ def reconstruction_curve(store: RunStore, layers: Sequence[int], *, texts: Seque
     task = get_task(task) if isinstance(task, str) else task
     layers = tuple(int(l) for l in layers)
     if not layers:
-        raise ConfigError("--layers must name at least one layer with TextSpan results")
+        raise ParameterError("layers", "must name at least one layer with TextSpan results")
     sizes = check_basis_sizes(basis_sizes)
     picks = stored_picks(store, layers, sizes[-1])
     directions = pick_directions(_pool_embeddings(store, picks, texts, loaded), picks.indices)
     positions = tuple(head_positions(store, layers))
     weights = classifier(store, task, loaded).astype(np.float64)
     classes = store_classes(store, task)
-    sums = _map_reduce(row_blocks(store), _TermSums(store, positions, picks.normalize), _add_sums, use_ray)
+    sums = reduce_rows(executor, store, row_blocks(store), _TermSums(store, positions, picks.normalize), _add_sums,
+                       desc="curve means")
     if sums["count"] == 0:
         raise ConfigError(f"{store.url} has no valid rows to average")
     ablated = (sums["embedding"] - sums["heads"].sum((0, 1))) / sums["count"]
     counter = _CurveCounts(store, positions, picks.normalize, directions, sizes, ablated, weights, classes)
-    counts = _map_reduce(row_blocks(store, chunks_per_block=1), counter, _add_sums, use_ray)
+    counts = reduce_rows(executor, store, row_blocks(store, chunks_per_block=1), counter, _add_sums,
+                         desc="curve scoring")
     n = counts["labelled"]
     if n == 0:
-        raise ConfigError("no labelled samples to score; the zero-shot task needs the samples' labels")
+        raise ConfigError("no labelled samples to score; the zero-shot task needs the samples' labels (.cls in "
+                          "the shards); leave out --curve")
     result = CurveResult(task.name, layers, sizes, counts["projected"] / n, counts["baseline"] / n,
                          counts["heads_kept"] / n, n, picks.normalize, picks.pool)
     if store.mode == "r+":
@@ -216,14 +222,17 @@ def reconstruction_curve(store: RunStore, layers: Sequence[int], *, texts: Seque
 
 
 def write_curve(store: RunStore, result: CurveResult, texts_key: str) -> None:
-    group = f"{CURVE_PREFIX}/{result.task}"
+    group = schema.TEXTSPAN_CURVE.path(task=result.task)
     attrs = {"task": result.task, "layers": list(result.layers), "baseline_accuracy": result.baseline_accuracy,
              "heads_kept_accuracy": result.heads_kept_accuracy, "n_labelled": result.n_labelled,
              "normalize": result.normalize, "pool": result.pool, "texts_key": texts_key,
              "projection": "uncentred, onto the span of the first m picked texts' embeddings"}
-    store.delete_results(group)  # an earlier curve may have had other sizes
-    store.write_result(f"{group}/basis_size", np.array(result.basis_sizes, np.int64), ("basis_size",), attrs)
-    store.write_result(f"{group}/accuracy", result.accuracies.astype(np.float64), ("basis_size",), attrs)
+    # replaced whole (an earlier curve may have had other sizes), under the store's lock
+    with store_lock(store, "clipscope textspan --curve"):
+        store.write_result_group(group, {
+            "basis_size": (np.array(result.basis_sizes, np.int64), schema.TEXTSPAN_CURVE.dims("basis_size"), attrs),
+            "accuracy": (result.accuracies.astype(np.float64), schema.TEXTSPAN_CURVE.dims("accuracy"), attrs),
+        }, attrs)
 
 
 def format_curve(result: CurveResult) -> str:

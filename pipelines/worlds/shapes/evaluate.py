@@ -20,7 +20,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from clipscope.errors import ConfigError
-from clipscope.kernels.decompose import DecomposeRequest, decompose
+from clipscope.kernels.decompose import DecomposeRequest, Decomposition, decompose
 from clipscope.kernels.vit import ViTSpec
 from clipscope.pipelines.worlds.shapes import world
 from clipscope.pipelines.models.loading import LoadedModel
@@ -69,12 +69,10 @@ def cls_attention(loaded: LoadedModel, images: Float[Tensor, "batch 3 h w"], lay
 
 
 def label_directions(loaded: LoadedModel) -> Float[Tensor, "embed label"]:
-
     return zero_shot_weights(loaded, list(world.LABELS), world.LABEL_PROMPTS).cpu()
 
 
-def decompose_scenes(loaded: LoadedModel, scenes: Sequence[world.Scene], token_layers: Sequence[int]) -> tuple[Tensor, dict]:
-
+def decompose_scenes(loaded: LoadedModel, scenes: Sequence[world.Scene], token_layers: Sequence[int]) -> tuple[Tensor, Decomposition]:
     images = image_tensor(np.stack([s.image for s in scenes]), loaded)
     return images, decompose(loaded.spec, images, DecomposeRequest(direct=True, token_layers=tuple(token_layers)))
 
@@ -89,7 +87,7 @@ def class_text_directions(loaded: LoadedModel, labels: Sequence[int]) -> Float[T
 
 
 def segmentation(loaded: LoadedModel, scenes: Sequence[world.Scene], *,
-                 terms: tuple[Tensor, dict] | None = None) -> dict:
+                 terms: tuple[Tensor, Decomposition] | None = None) -> dict:
     """Zero-shot segmentation of each scene's main object: ours (the per-token direct effects
     c_token^t = Σ_{l,h} c_{t,l,h} of DESIGN §3, every layer, along the scene's class text) vs the
     last layer's raw class-token attention (mean over heads), and a uniform-noise map (chance level of
@@ -97,11 +95,11 @@ def segmentation(loaded: LoadedModel, scenes: Sequence[world.Scene], *,
     spec = loaded.spec
     layers = list(range(spec.n_layers))
     images, out = terms if terms is not None else decompose_scenes(loaded, scenes, layers)
-    if out["direct/tokens"].shape[1] != spec.n_layers:
+    if out.tokens.shape[1] != spec.n_layers:
         raise ConfigError(f"segmentation needs the per-token terms of all {spec.n_layers} layers, "
-                          f"got {out['direct/tokens'].shape[1]}")
+                          f"got {out.tokens.shape[1]}")
     texts = class_text_directions(loaded, [s.label for s in scenes])  # [batch embed]
-    tokens = out["direct/tokens"].sum((1, 2))[:, 1:]  # [batch patch embed]
+    tokens = out.tokens.sum((1, 2))[:, 1:]  # [batch patch embed]
     ours = to_pixels(torch.einsum("bpd,bd->bp", tokens.float(), texts), spec)
     attention, _ = cls_attention(loaded, images, spec.n_layers - 1)
     baseline = to_pixels(attention.mean(1)[:, 1:], spec)
@@ -112,7 +110,7 @@ def segmentation(loaded: LoadedModel, scenes: Sequence[world.Scene], *,
 
 
 def mean_ablation(loaded: LoadedModel, scenes: Sequence[world.Scene], *, last_layers: int = 2,
-                  out: dict | None = None) -> dict:
+                  out: Decomposition | None = None) -> dict:
     """Zero-shot accuracy when some direct-effect terms are replaced by their mean over the evaluated
     scenes: the MLPs and every head but those of the last `last_layers` layers (the thesis's
     ablation, `clipscope evaluate --keep-last`; the class embedding's and the biases' terms stay);
@@ -121,7 +119,7 @@ def mean_ablation(loaded: LoadedModel, scenes: Sequence[world.Scene], *, last_la
     if out is None:
         _, out = decompose_scenes(loaded, scenes, ())
     first = loaded.spec.n_layers - last_layers
-    emb, heads, mlps = out["image_embedding"], out["direct/heads"], out["direct/mlps"]
+    emb, heads, mlps = out.image_embedding, out.direct.heads, out.direct.mlps
     ablated_sets = {  # name → the sum of the ablated terms
         "keep_last_heads": mlps.sum(1) + heads[:, :first].sum((1, 2)),
         "heads_only": emb - heads.sum((1, 2)),

@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from clipscope._torchvision_compat import import_open_clip
 from clipscope.errors import ConfigError, ModelError
 from clipscope.kernels.decompose import layer_norm_stats
 from clipscope.pipelines.worlds.shapes import world
@@ -175,17 +174,22 @@ class ClassTokenTap:
 
 
 def keep_last_embedding(visual: torch.nn.Module, tap: ClassTokenTap, embedding: Float[Tensor, "batch embed"],
-                        keep: Sequence[int]) -> Float[Tensor, "batch embed"]:
+                        keep: Sequence[int], shares: str = "split") -> Float[Tensor, "batch embed"]:
     """The image embedding with the direct effects of every MLP and of the heads of all layers but
     `keep` mean-ablated over the batch — `clipscope evaluate`'s ``keep_last_k`` and
     `shapes_eval.mean_ablation`'s "keep_last_heads" (the thesis's ablation: the class embedding's
     and the biases' terms stay), in the `split` convention of DESIGN §3, differentiable.
 
-    A layer's heads sum to its attention write minus the out-projection bias; ln_post (μ, σ of the
-    sample's own final residual) folds into P̃ = diag(γ)P, and each of the K = 1 + 2L + LH components
-    carries 1/K of the offset Pᵀβ − (μ/σ)Pᵀγ. The mean is a constant (detached), as the dataset
-    mean is at evaluation.
+    ln_post (μ, σ of the sample's own final residual) folds into P̃ = diag(γ)P. `shares="split"`
+    (DESIGN §3, the reference code's): a layer's heads sum to its whole attention write (the
+    out-projection bias lives inside the heads) and carry 1/K₁ of the offset Pᵀβ − (μ/σ)Pᵀγ, as does
+    each MLP (K₁ = 2L + 1). `shares="split-v1"`: the shares before issue 20 (heads without the
+    out-projection bias, each of K = 1 + 2L + LH components carrying 1/K), the objective the shipped
+    checkpoint was trained with, kept so that `train --check` reproduces it. The mean is a constant
+    (detached), as the dataset mean is at evaluation.
     """
+    if shares not in ("split", "split-v1"):
+        raise ConfigError(f"shares must be 'split' or 'split-v1', got {shares!r}")
     ln, proj = visual.ln_post, visual.proj
     blocks = visual.transformer.resblocks
     n_layers, n_heads = len(blocks), blocks[0].attn.num_heads
@@ -193,12 +197,17 @@ def keep_last_embedding(visual: torch.nn.Module, tap: ClassTokenTap, embedding: 
     mu, sigma = (stat[:, None] for stat in layer_norm_stats(ln, r))
     offset = ln.bias @ proj - (mu / sigma) * (ln.weight @ proj)  # [batch embed]
     early = [layer for layer in range(n_layers) if layer not in set(keep)]
-    # LayerScale (open_clip's ls_1: Identity or a per-channel gamma) scales the bias like the heads.
-    ablated = sum(tap.mlp[layer] for layer in range(n_layers)) + sum(
-        (tap.attn[layer] - getattr(blocks[layer].ls_1, "gamma", 1.0) * blocks[layer].attn.out_proj.bias
-         for layer in early), torch.zeros_like(r))
-    n_ablated = n_layers + len(early) * n_heads
-    ablated = (ablated * ln.weight) @ proj / sigma + offset * (n_ablated / (1 + 2 * n_layers + n_layers * n_heads))
+    if shares == "split":
+        ablated = sum(tap.mlp[layer] for layer in range(n_layers)) + sum(
+            (tap.attn[layer] for layer in early), torch.zeros_like(r))
+        share = (n_layers + len(early)) / (2 * n_layers + 1)
+    else:
+        # LayerScale (open_clip's ls_1: Identity or a per-channel gamma) scales the bias like the heads.
+        ablated = sum(tap.mlp[layer] for layer in range(n_layers)) + sum(
+            (tap.attn[layer] - getattr(blocks[layer].ls_1, "gamma", 1.0) * blocks[layer].attn.out_proj.bias
+             for layer in early), torch.zeros_like(r))
+        share = (n_layers + len(early) * n_heads) / (1 + 2 * n_layers + n_layers * n_heads)
+    ablated = (ablated * ln.weight) @ proj / sigma + offset * share
     return embedding - ablated + ablated.mean(0, keepdim=True).detach()
 
 
@@ -273,7 +282,8 @@ def train(config: TrainConfig = TrainConfig(), *, log: Callable[[str], None] = p
         scale = model.logit_scale.exp()
         loss = multi_positive_infonce(F.normalize(embedding, dim=-1), text_features, scale, positives)
         if readout:
-            kept = F.normalize(keep_last_embedding(model.visual, tap, embedding, readout), dim=-1)
+            # the shares the shipped checkpoint was trained with (see keep_last_embedding)
+            kept = F.normalize(keep_last_embedding(model.visual, tap, embedding, readout, shares="split-v1"), dim=-1)
             loss = loss + config.readout_weight * multi_positive_infonce(kept, text_features, scale, positives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

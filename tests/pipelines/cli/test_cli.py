@@ -67,7 +67,7 @@ def test_a_missing_shard_is_named(tiny_dataset, tmp_path, capsys, fast_models):
 def test_the_installed_entry_point_reports_errors_the_same_way(tmp_path):
     out = tmp_path / "never.zarr"
     result = subprocess.run([sys.executable, "-m", "clipscope.pipelines.cli", "extract", "x.tar", "--out", str(out),
-                             "--batch-size", "0"], capture_output=True, text=True)
+                             "--model", TINY_MODEL, "--batch-size", "0"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "clipscope extract: error: --batch-size must be an integer ≥ 1, got 0"
     assert not out.exists()

@@ -251,8 +251,12 @@ def test_sample_fields_from_members(tmp_path):
     assert (b.label, b.caption, b.error) == (2, "from json", None)
     assert (c.image_bytes, c.label, c.caption) == (b"W", None, "text key")
     assert (d.image_bytes, d.caption, d.error) == (None, "only text", "no image member")
-    assert "cls member is not an integer" in e.error and "json member is not an object" in e.error
     assert decode_or_error(d) == (None, "sample d: no image member")
+    # A bad cls or json member flags the metadata and keeps the good image (issue 12 point 8).
+    assert e.error is None and e.label is None and e.image_bytes == png
+    assert "cls member is not an integer" in e.meta_error and "json member is not an object" in e.meta_error
+    image, error = decode_or_error(e)
+    assert image is not None and error is None
 
 
 def test_corrupt_image_fails_only_that_sample(tmp_path):
@@ -377,7 +381,7 @@ def test_expected_count_guards_rows(tmp_path):
     write_shard(path, samples(5))
     got, error = read_all(path, expected_count=3)
     assert [s.index_in_shard for s in got] == [0, 1, 2]
-    assert "more than the 3 samples" in error
+    assert "holds 5 samples but 3 were counted" in error and "the last 2 were skipped" in error
     got, error = read_all(path, expected_count=7)
     assert len(got) == 5 and error == "shard ended after 5 of the 7 samples counted for it"
     assert read_all(path, expected_count=5)[1] is None

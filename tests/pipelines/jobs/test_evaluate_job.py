@@ -3,8 +3,9 @@
 The reference never touches clipscope's kernels: forward hooks on the real open_clip
 VisionTransformer capture each block's ln_1 output, its ls_2·MLP output and the input of ln_post;
 per-head attention comes from nn.MultiheadAttention's own per-head weights; every component is
-folded through ln_post with the image's own μ, σ (split convention: share 1/K of −μ and β per
-component, K = 1 + 2L + LH; a per-token term carries 1/(K·T)); means are taken over the live
+folded through ln_post with the image's own μ, σ (split convention of DESIGN §3: with K₁ = 2L + 1,
+the embedding and each MLP carry 1/K₁ of −μ and β; each (token, head) term carries the layer's
+out-projection bias / (H·T) and 1/(K₁·H·T)); means are taken over the live
 components; ablations happen at the output.
 """
 
@@ -108,7 +109,7 @@ def live_components(loaded, images: torch.Tensor) -> dict[str, torch.Tensor]:
         sigma = torch.sqrt(final.var(-1, unbiased=False, keepdim=True) + visual.ln_post.eps)
         n_layers, n_tokens = len(blocks), final.new_tensor(seen["x0"].shape[1])
         n_heads = blocks[0].attn.num_heads
-        k = 1 + 2 * n_layers + n_layers * n_heads
+        k = 2 * n_layers + 1
 
         def fold(c, share):  # c [image … width], share: of the ln_post offset carried by c
             s = share.reshape(-1, *[1] * (c.ndim - 2), 1) if torch.is_tensor(share) else share
@@ -129,10 +130,10 @@ def live_components(loaded, images: torch.Tensor) -> dict[str, torch.Tensor]:
             bias = ls_1 * attn.out_proj.bias
             # the reference itself: heads + bias are the block's attention output at the class token
             torch.testing.assert_close(per_head.sum(1) + bias, seen[f"a{i}"][:, 0], rtol=0, atol=1e-12)
-            heads.append(fold(per_head, 1 / k))
-            cls_self.append(fold(per_token[:, :, 0], 1 / (k * n_tokens)).sum(1))
+            heads.append(fold(per_head + bias / n_heads, 1 / (k * n_heads)))
+            cls_self.append(fold(per_token[:, :, 0] + bias / (n_heads * n_tokens), 1 / (k * n_heads * n_tokens)).sum(1))
             mlps.append(fold(seen[f"m{i}"][:, 0], 1 / k))
-            biases.append(fold(bias.expand(len(images), -1), 1 / k))
+            biases.append(torch.zeros_like(output))  # split: the out-projection biases live inside the heads
         parts = {"output": output, "embedding": fold(seen["x0"][:, 0], 1 / k), "heads": torch.stack(heads, 1),
                  "mlps": torch.stack(mlps, 1), "cls_token": torch.stack(cls_self, 1),
                  "bias": torch.stack(biases, 1).sum(1)}
@@ -245,13 +246,13 @@ def test_ablated_logits_and_accuracies_equal_the_live_model(world_store, live, m
 
 @pytest.mark.slow  # an embedded Ray starts in 5–20 s here
 def test_ray_counts_what_the_local_run_counts(world_store, model_cache):
-    from clipscope.cluster.runtime import ray_runtime
+    from clipscope.cluster.executor import open_executor
 
     store = RunStore.open(world_store, "r+")
     loaded = model_cache(MODEL)
     local = evaluate_ablations(store, "shapes-colour", heads=[HEAD_SET], loaded=loaded)
-    with ray_runtime(num_cpus=2, object_store_memory=100 * 1024 * 1024):
-        remote = evaluate_ablations(store, "shapes-colour", heads=[HEAD_SET], loaded=loaded, use_ray=True)
+    with open_executor(2, object_store_memory=100 * 1024 * 1024, progress="off") as on_ray:
+        remote = evaluate_ablations(store, "shapes-colour", heads=[HEAD_SET], loaded=loaded, executor=on_ray)
     assert remote.equals(local)
     assert len(row_blocks(store)) > 1
 
@@ -277,7 +278,7 @@ def test_cumulative_ablations_follow_the_stored_layers(unlabelled_store):
                           "heads_to_L3": tuple((l, h) for l in (2, 3) for h in range(4))}
     keep = [a for a in ablations if a.kind == "keep_last"][0]
     assert keep.mlps and keep.heads == tuple((2, h) for h in range(4))
-    with pytest.raises(ConfigError, match=r"--keep-last must be an integer in 1..2"):
+    with pytest.raises(ConfigError, match=r"^keep_last must be an integer in 1..2"):
         build_ablations([2, 3], 4, keep_last=(3,))
     with pytest.raises(ConfigError, match="'heads:L2H0' is asked for twice"):
         build_ablations([2, 3], 4, heads=["L2H0", "2:0"])

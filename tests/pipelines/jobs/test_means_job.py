@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clipscope.cluster.executor import RayExecutor
 from clipscope.kernels.textspan import textspan
 from clipscope.pipelines.jobs.extract.job import run_extract
 from clipscope.pipelines.jobs.extract.settings import ExtractConfig
@@ -59,11 +60,12 @@ def test_means_equal_numpy_over_valid_rows(store):
 def test_ray_reductions_do_not_depend_on_worker_count(store, ray3, workers):
     cpus = 3 / workers  # at most `workers` tasks run at once on the 3-CPU Ray
     local = dataset_means(store, write=False)
-    remote = dataset_means(store, write=False, use_ray=True, cpus_per_task=cpus)
+    on_ray = RayExecutor(cpus_per_task=cpus, progress="off")
+    remote = dataset_means(store, write=False, executor=on_ray)
     for name in local:
         np.testing.assert_array_equal(remote[name], local[name])
     local_stats = head_statistics(store, [2, 3])
-    remote_stats = head_statistics(store, [2, 3], use_ray=True, cpus_per_task=cpus)
+    remote_stats = head_statistics(store, [2, 3], executor=on_ray)
     for a_row, b_row in zip(local_stats, remote_stats):
         for a, b in zip(a_row, b_row):
             assert a.count == b.count == 28

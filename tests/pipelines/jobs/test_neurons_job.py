@@ -13,6 +13,7 @@ import pytest
 import torch
 from sklearn.linear_model import orthogonal_mp_gram
 
+from clipscope.cluster.executor import RayExecutor
 from clipscope.kernels.decompose import second_order_effects
 from clipscope.kernels.omp import reference_dictionary
 from clipscope.pipelines.jobs.neurons import job as omp_job
@@ -208,7 +209,7 @@ def test_signed_top_texts_table(store):
     text = omp_job.format_neurons(table, [7, PC_IS_ZERO], 16)
     assert text.splitlines()[0].startswith(f"neuron 7 (PC1 explains {explained[7]:.1%}")
     assert "(no text: its PC is 0)" in text.splitlines()[1]
-    with pytest.raises(omp_job.ConfigError, match="--m 5 was not solved"):
+    with pytest.raises(omp_job.ConfigError, match="^m 5 was not solved"):
         omp_job.neuron_table(store, LAYER, pool, m=5)
     with pytest.raises(omp_job.StoreError, match="used pool 'shapes-all', not 'shapes-colours'"):
         omp_job.neuron_table(store, LAYER, get_pool("shapes-colours"), m=4)
@@ -298,9 +299,9 @@ def test_stale_or_inconsistent_inputs_are_refused(store):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"m": ()}, "--m must name at least one sparsity"),
-    ({"m": (4, 0)}, "--m must be integers ≥ 1, got 0"),
-    ({"m": (2.5,)}, "--m must be integers ≥ 1, got 2.5"),
+    ({"m": ()}, "^m must name at least one sparsity"),
+    ({"m": (4, 0)}, "^m must be integers ≥ 1, got 0"),
+    ({"m": (2.5,)}, "^m must be integers ≥ 1, got 2.5"),
     ({"neurons_per_task": 0}, "neurons_per_task must be an integer ≥ 1, got 0"),
 ])
 def test_bad_settings(store, kwargs, message):
@@ -335,11 +336,12 @@ def test_ray_equals_local(store, ray2, capsys):
     pool = get_pool("shapes-all")
     local = omp_job.run_omp(store, LAYER, pool, reference_preprocessing=True)
     local_acc = omp_job.reconstruction_accuracy(store, LAYER, task="shapes")
-    remote = omp_job.run_omp(store, LAYER, pool, reference_preprocessing=True, use_ray=True, neurons_per_task=100)
+    on_ray = RayExecutor(progress="off")
+    remote = omp_job.run_omp(store, LAYER, pool, reference_preprocessing=True, executor=on_ray, neurons_per_task=100)
     np.testing.assert_array_equal(remote.support, local.support)
     np.testing.assert_allclose(remote.coefs, local.coefs, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(remote.residual_norm, local.residual_norm, rtol=1e-10, atol=1e-14)
-    remote_acc = omp_job.reconstruction_accuracy(store, LAYER, task="shapes", use_ray=True)
+    remote_acc = omp_job.reconstruction_accuracy(store, LAYER, task="shapes", executor=on_ray)
     assert remote_acc.accuracy.tolist() == local_acc.accuracy.tolist()
     assert (remote_acc.pc_accuracy, remote_acc.baseline, remote_acc.n_labelled) == \
         (local_acc.pc_accuracy, local_acc.baseline, local_acc.n_labelled)

@@ -158,7 +158,7 @@ def test_means_are_reused_only_when_their_count_is_current(center_copy):
 
 
 def test_ray_result_equals_local_result(shapes_store):
-    from clipscope.cluster.runtime import ray_runtime
+    from clipscope.cluster.executor import open_executor
 
     store = RunStore.open(shapes_store, "r+")
     settings = SecondOrderSettings(top_k=K, neuron_chunk=64, chunks_per_block=1)
@@ -167,9 +167,9 @@ def test_ray_result_equals_local_result(shapes_store):
     weights = g.normal(size=(store.read_result(f"{PREFIX}/pc").shape[1], 6))
     classes = np.where(store.read_valid(), np.arange(store.n_rows) % 6, -1)
     local_table = evaluate_ablations(store, LAYER, weights, classes, settings=settings)
-    with ray_runtime(num_cpus=2, object_store_memory=150 * 1024 * 1024):
-        remote = run_second_order(store, LAYER, settings=settings, use_ray=True, write=False)
-        remote_table = evaluate_ablations(store, LAYER, weights, classes, settings=settings, use_ray=True)
+    with open_executor(2, object_store_memory=150 * 1024 * 1024, progress="off") as on_ray:
+        remote = run_second_order(store, LAYER, settings=settings, executor=on_ray, write=False)
+        remote_table = evaluate_ablations(store, LAYER, weights, classes, settings=settings, executor=on_ray)
     assert remote.attrs == local.attrs and set(remote.arrays) == set(local.arrays)
     for name, value in local.arrays.items():
         if value.dtype.kind in "iu":

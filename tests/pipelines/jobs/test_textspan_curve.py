@@ -156,12 +156,12 @@ def test_curve_equals_brute_force(synthetic, normalize):
 
 
 def test_ray_equals_local(synthetic):
-    from clipscope.cluster.runtime import ray_runtime
+    from clipscope.cluster.executor import open_executor
 
     run_textspan(synthetic, [0, 2], POOL, settings=TextSpanSettings(basis_size=6, span_rank=8))
     local = reconstruction_curve(synthetic, [0, 2], task=TASK, basis_sizes=[2, 4, 6])
-    with ray_runtime(num_cpus=2, object_store_memory=100 * 1024 * 1024):
-        remote = reconstruction_curve(synthetic, [0, 2], task=TASK, basis_sizes=[2, 4, 6], use_ray=True)
+    with open_executor(2, object_store_memory=100 * 1024 * 1024, progress="off") as on_ray:
+        remote = reconstruction_curve(synthetic, [0, 2], task=TASK, basis_sizes=[2, 4, 6], executor=on_ray)
     np.testing.assert_array_equal(remote.accuracies, local.accuracies)
     assert (remote.baseline_accuracy, remote.heads_kept_accuracy, remote.n_labelled) == \
         (local.baseline_accuracy, local.heads_kept_accuracy, local.n_labelled)
@@ -191,7 +191,7 @@ def test_too_few_picks_names_basis_size(synthetic):
         reconstruction_curve(synthetic, [2, 9], task=TASK, basis_sizes=[2])
     with pytest.raises(ConfigError, match="another text pool"):
         reconstruction_curve(synthetic, [2], texts=POOL[:-1], task=TASK, basis_sizes=[2])
-    with pytest.raises(ConfigError, match="--curve-sizes must be integers ≥ 1"):
+    with pytest.raises(ConfigError, match="^basis_sizes must be integers ≥ 1"):
         reconstruction_curve(synthetic, [2], task=TASK, basis_sizes=[0, 2])
 
 

@@ -54,10 +54,10 @@ def test_cached_spec_follows_in_place_weight_changes():
     assert loaded.spec is spec
     images = torch.randn(2, 3, *loaded.image_size, generator=torch.Generator().manual_seed(0))
     out = decompose(loaded.spec, images, DecomposeRequest(direct=True))
-    total = out["direct/embedding"] + out["direct/mlps"].sum(1) + out["direct/heads"].sum((1, 2)) + out["direct/bias"]
+    total = out.direct.embedding + out.direct.mlps.sum(1) + out.direct.heads.sum((1, 2)) + out.direct.bias
     with torch.no_grad():
         reference = loaded.model.encode_image(images)
-    torch.testing.assert_close(out["image_embedding"], reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.image_embedding, reference, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(total, reference, rtol=1e-4, atol=1e-5)
 
 

@@ -206,15 +206,15 @@ def test_image_summary_components_sum_to_the_embedding_norm(store_fixture, reque
 def test_queries_refuse_what_the_store_does_not_hold(split_store, model_cache):
     store = open_run(split_store)
     loaded = model_cache(TINY_MODEL)
-    with pytest.raises(ConfigError, match=r"--layer 4 is not stored .*stored heads layers: \[0, 1, 2, 3\]"):
+    with pytest.raises(ConfigError, match=r"^layer 4 is not stored .*stored heads layers: \[0, 1, 2, 3\]"):
         queries.top_images_for_text(store, 4, 0, TEXT, loaded=loaded)
-    with pytest.raises(ConfigError, match=r"--head must be in 0\.\.3, got 4"):
+    with pytest.raises(ConfigError, match=r"^head must be in 0\.\.3, got 4"):
         queries.top_images_for_text(store, 0, 4, TEXT, loaded=loaded)
-    with pytest.raises(ConfigError, match=r"-k must be an integer ≥ 1, got 0"):
+    with pytest.raises(ConfigError, match=r"^k must be an integer ≥ 1, got 0"):
         queries.top_images_for_text(store, 0, 0, TEXT, k=0, loaded=loaded)
-    with pytest.raises(ConfigError, match=r"--layer 0 has no second-order data .*stored: \['1'\]"):
+    with pytest.raises(ConfigError, match=r"^layer 0 has no second-order data .*stored: \['1'\]"):
         queries.top_images_for_neuron(store, 0, 3)
-    with pytest.raises(ConfigError, match=r"--neuron must be in 0\.\.255, got 256"):
+    with pytest.raises(ConfigError, match=r"^neuron must be in 0\.\.255, got 256"):
         queries.top_images_for_neuron(store, 1, 256)
 
 

@@ -89,11 +89,11 @@ def test_image_tensor_equals_open_clip_preprocess(loaded, single):
 
 def test_decomposition_of_the_trained_model_sums_to_encode_image(loaded, single_terms):
     images, out = single_terms
-    total = out["direct/embedding"] + out["direct/mlps"].sum(1) + out["direct/heads"].sum((1, 2)) + out["direct/bias"]
+    total = out.direct.embedding + out.direct.mlps.sum(1) + out.direct.heads.sum((1, 2)) + out.direct.bias
     with torch.no_grad():
         ref = loaded.model.encode_image(images)
     torch.testing.assert_close(total, ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out["direct/tokens"].sum(3), out["direct/heads"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.tokens.sum(3), out.direct.heads, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_decomposition_of_the_trained_model_sums_to_encode_image(loaded, single_
 
 
 def test_zero_shot_accuracy_far_above_chance(loaded, single, mixed, single_terms):
-    embeddings = F.normalize(single_terms[1]["image_embedding"], dim=-1)
+    embeddings = F.normalize(single_terms[1].image_embedding, dim=-1)
     acc = probes.zero_shot_accuracy(loaded, single, embeddings)
     assert acc["colour_acc"] >= GATES["colour_acc"], acc  # chance 1/8
     assert acc["shape_acc"] >= GATES["shape_acc"], acc  # chance 1/7
@@ -124,7 +124,7 @@ def test_caption_retrieval_above_chance(loaded, mixed):
 def test_attention_reference_forward_is_the_model(loaded, single_terms):
     images, out = single_terms
     attention, output = se.cls_attention(loaded, images, loaded.spec.n_layers - 1)
-    torch.testing.assert_close(output, out["image_embedding"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(output, out.image_embedding, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(attention.sum(-1), torch.ones(attention.shape[:2]), rtol=0, atol=1e-5)
 
 

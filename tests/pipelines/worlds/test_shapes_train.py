@@ -21,9 +21,9 @@ def loaded():
 def test_keep_last_embedding_is_the_decomposition_s_mean_ablation(loaded, layers):
     scenes = list(sw.generate_scenes(24, 5, config=sw.WorldConfig(counts=(1, 2))))
     images, out = se.decompose_scenes(loaded, scenes, ())
-    emb = out["image_embedding"]
+    emb = out.image_embedding
     early = [layer for layer in range(4) if layer not in layers]
-    ablated = out["direct/mlps"].sum(1) + out["direct/heads"][:, early].sum((1, 2))
+    ablated = out.direct.mlps.sum(1) + out.direct.heads[:, early].sum((1, 2))
     expected = emb - ablated + ablated.mean(0, keepdim=True)
     with torch.no_grad(), st.ClassTokenTap(loaded.model.visual) as tap:
         embedding = loaded.model.encode_image(images)
