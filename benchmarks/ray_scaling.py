@@ -10,7 +10,7 @@ thread each, as Ray sets OMP_NUM_THREADS=1), in alternation, best of --rounds, a
   extractor adds to each shard's record — the steady-state rate without the start-up costs;
 
 and the ratios to the in-process run with --threads threads. Then the two store reductions of
-`pipelines.reductions` (`dataset_means` over every direct-effect array, `head_statistics` of chosen
+`pipelines.jobs.means.job` (`compute_means` over every direct-effect array, `head_statistics` of chosen
 layers) as Ray tasks against `map_reduce_local` (with --threads and with 1 thread), in valid rows/s.
 Every mode sees the same data; an untimed in-process extraction of one shard warms up first.
 
@@ -34,7 +34,7 @@ from clipscope.cluster.executor import LocalExecutor, RayExecutor  # noqa: E402
 from clipscope.cluster.runtime import ray_runtime  # noqa: E402
 from clipscope.pipelines.jobs.extract.job import ShardExtractor, ShardTask, run_extract  # noqa: E402
 from clipscope.pipelines.jobs.extract.settings import ExtractConfig  # noqa: E402
-from clipscope.pipelines.jobs.means.job import dataset_means, head_statistics, row_blocks  # noqa: E402
+from clipscope.pipelines.jobs.means.job import compute_means, head_statistics, row_blocks  # noqa: E402
 from bench_data import make_dataset  # noqa: E402  (sibling module of this script)
 from clipscope.storage.store import RunStore  # noqa: E402
 
@@ -115,7 +115,7 @@ def main() -> None:
             rows = int(store.read_valid().sum())
             n_blocks = len(row_blocks(store))
             reductions = {
-                "dataset_means": lambda executor: dataset_means(store, executor=executor, write=False),
+                "compute_means": lambda executor: compute_means(store, executor=executor),
                 f"head_statistics (layers {' '.join(map(str, args.stat_layers))})":
                     lambda executor: head_statistics(store, args.stat_layers, executor=executor),
             }

@@ -109,6 +109,19 @@ class Boolean(Constraint):
         return "True or False"
 
 
+class Text(Constraint):
+    """A string; `nonempty` refuses ""."""
+
+    def __init__(self, nonempty: bool = True):
+        self.nonempty = nonempty
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and (bool(value) or not self.nonempty)
+
+    def describe(self) -> str:
+        return "a non-empty string" if self.nonempty else "a string"
+
+
 class NoneValue(Constraint):
     def accepts(self, value: Any) -> bool:
         return value is None
@@ -133,7 +146,8 @@ class Each(Constraint):
         for article in ("an ", "a "):
             noun = noun.removeprefix(article)
         least = f"at least {self.min_len} " if self.min_len else ""
-        return f"a sequence of {least}{noun.replace('integer', 'integers').replace('number', 'numbers')}"
+        noun = noun.replace('integer', 'integers').replace('number', 'numbers').replace('string', 'strings')
+        return f"a sequence of {least}{noun}"
 
 
 def check_parameter(name: str, value: Any, constraints: Sequence[Constraint]) -> None:

@@ -2,7 +2,7 @@
 
 Mean-ablating a set S of components replaces each c ∈ S by its dataset mean c̄, so the embedding
 becomes emb − Σ_{c∈S}(c − c̄): only the stored components and their means are needed, never the
-model. The components are the direct-effect terms of DESIGN §3 (MLPs, heads, the class token
+model. The components are the direct-effect terms of docs/methods.md (MLPs, heads, the class token
 attended from itself), each already folded through ln_post with the image's own μ, σ.
 """
 

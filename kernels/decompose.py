@@ -1,4 +1,4 @@
-"""One forward pass of a CLIP ViT that also returns its exact additive decomposition (DESIGN §3).
+"""One forward pass of a CLIP ViT that also returns its exact additive decomposition (docs/methods.md).
 
 Everything is computed from the weights in a `ViTSpec`; attention is evaluated in full only
 where the residual stream needs it, and per head only along the class-token query row, so memory
@@ -8,7 +8,7 @@ ln_post folding. With μ, σ of the final class token frozen, ln_post followed b
 affine, so a component c of x^L_0 maps to f(c) = (c @ P̃)/σ + s·o, where
   split:  P̃ = diag(γ) P,                 o = Pᵀβ − (μ/σ)·Pᵀγ, with shares s summing to 1
   center: P̃ = (I − 11ᵀ/d) diag(γ) P,    o = 0, and Pᵀβ is a term of its own (in `direct/bias`).
-`split` is the reference code's convention term for term (DESIGN §3): K₁ = 2L + 1 groups (the
+`split` is the reference code's convention term for term (docs/methods.md): K₁ = 2L + 1 groups (the
 embedding, L MLPs, L attention layers); the embedding and each MLP carry s = 1/K₁; each (token t,
 head h) term of layer l is c_{t,l,h} + ls₁ˡ⊙b_Oˡ/(H·T) — the out-projection bias spread over the
 layer's H·T terms, so it lives inside the heads — with s = 1/(K₁·H·T). A head (summed over its
@@ -39,7 +39,7 @@ CONVENTIONS = ("split", "center")
 
 @dataclass(frozen=True)
 class DirectEffects:
-    """The direct effects of every component on the image embedding (DESIGN §3), folded through ln_post.
+    """The direct effects of every component on the image embedding (docs/methods.md), folded through ln_post.
 
     embedding + Σ mlps + Σ heads + bias = the image embedding; cls_token[:, l] is the class token
     attended from itself in layer l (token 0 of the per-token terms, summed over heads), part of heads.
@@ -197,7 +197,7 @@ def decompose(
 
     Always: ``image_embedding`` (= the model's ``encode_image``). direct: `DirectEffects`.
     token_layers: ``tokens`` [sample token_layer head token embed] (sums over tokens to the heads).
-    second_order_layers: ``second_order[l]`` (q of DESIGN §3, 1/σ_post included, and the `split`
+    second_order_layers: ``second_order[l]`` (q of docs/methods.md, 1/σ_post included, and the `split`
     shared term). activation_layers: ``activations[l]`` (post-activation MLP values).
     """
     req = request.validated(spec)
@@ -318,7 +318,7 @@ def _shared_value(
     block: BlockParams, index: int, source: BlockParams, cls_attn: Tensor, mean_t: Tensor, sigma_t: Tensor
 ) -> Tensor:
     """One neuron's neuron-independent part of later layer `index`'s class-token attention output
-    (split convention, DESIGN §3), the same for each of the N neurons of the `source` layer.
+    (split convention, docs/methods.md), the same for each of the N neurons of the `source` layer.
 
     Per neuron, with s = 1/((1+2l')·N) (l' = `index`, 0-based): the source MLP's output bias enters
     as ls₂⊙b_out/N at every token; ln₁ subtracts s·μ_t, scales by γ₁/σ_t and adds s·β₁; the value
@@ -342,7 +342,7 @@ def _shared_value(
 def second_order_directions(
     spec: ViTSpec, layer: int, convention: str = "split"
 ) -> Float[Tensor, "later_layer head neuron embed"]:
-    """D of DESIGN §3 for every neuron of `layer`: input-independent, one slab per later layer."""
+    """D of docs/methods.md for every neuron of `layer`: input-independent, one slab per later layer."""
     (layer,) = check_layers(spec, [layer], "second-order layer")
     if convention not in CONVENTIONS:
         raise ConfigError(f"ln convention must be one of {', '.join(CONVENTIONS)}, got {convention!r}")

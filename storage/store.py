@@ -1,6 +1,6 @@
 """``RunStore``: one zarr v3 group per run, written in chunk-aligned row blocks by many writers.
 
-Layout (the public contract, see DESIGN §4 and README):
+Layout (the public contract, see README, "The store"):
 
 * group attributes: the caller's run description (config, model identity, code version, ``shards``…)
   plus ``clipscope_schema_version``, ``n_rows`` and ``rows_per_chunk``;

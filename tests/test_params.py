@@ -49,17 +49,17 @@ def test_errors_survive_pickling_with_their_parameters():
 
 def test_settings_name_the_parameter():
     from clipscope.pipelines.jobs.extract.settings import ExtractConfig
-    from clipscope.pipelines.jobs.second_order.job import SecondOrderSettings
-    from clipscope.pipelines.jobs.textspan.job import TextSpanSettings
+    from clipscope.pipelines.jobs.second_order.settings import SecondOrderSettings
+    from clipscope.pipelines.jobs.textspan import TextSpanSettings
 
     with pytest.raises(ConfigError, match="^basis_size must be an integer ≥ 1, got 0$"):
         TextSpanSettings(basis_size=0)
     with pytest.raises(ConfigError, match="^span_rank must be 'auto' or an integer ≥ 1, got 0$"):
         TextSpanSettings(span_rank=0)
     with pytest.raises(ConfigError, match="^top_k must be an integer ≥ 1, got 0$"):
-        SecondOrderSettings(top_k=0)
+        SecondOrderSettings(1, top_k=0)
     with pytest.raises(ConfigError, match="^chunks_per_block must be an integer ≥ 1, got 0$"):
-        SecondOrderSettings(chunks_per_block=0)
+        SecondOrderSettings(1, chunks_per_block=0)
     with pytest.raises(ConfigError, match="^rows_per_chunk must be an integer ≥ 1, got -4$"):
         ExtractConfig(data=("a.tar",), out="o", rows_per_chunk=-4)
     with pytest.raises(ConfigError, match=r"^token_layers must be a sequence of integers ≥ 0, got \(1, 'x'\)$"):

@@ -38,7 +38,8 @@ def run(args) -> int:
 
     import pyarrow.csv as pacsv
 
-    from clipscope.pipelines.jobs.evaluate.job import evaluate_ablations, format_evaluation, plot_evaluation
+    from clipscope.pipelines.jobs import evaluate
+    from clipscope.pipelines.jobs.evaluate.report import format_evaluation, plot_evaluation
     from clipscope.pipelines.texts.zero_shot import default_task, format_chance, get_task, store_classes
     from clipscope.storage.store import RunStore
 
@@ -48,19 +49,19 @@ def run(args) -> int:
     store = RunStore.open(args.store, "r+")
     warn_if_random_init(store.attrs.get("model"))
     task = get_task(args.task or default_task(store))
+    settings = evaluate.Settings(task.name, heads=tuple(args.heads), keep_last=tuple(args.keep_last),
+                                 include_cls=not args.no_cls_token, **reduction_options.job_options(args))
     with executor_from_args(args, store=args.store) as executor:
-        table = evaluate_ablations(store, task, heads=args.heads, keep_last=args.keep_last,
-                                   include_cls=not args.no_cls_token, executor=executor,
-                                   **reduction_options.job_options(args))
-    n = table.column("n")[0].as_py()
-    print(f"zero-shot task {task.name}: {n} labelled images, {len(task.classnames)} classes "
+        result = evaluate.run(store, settings, executor)
+    print(f"zero-shot task {task.name}: {result.n} labelled images, {len(task.classnames)} classes "
           f"({format_chance(store_classes(store, task), len(task.classnames))})")
-    print(format_evaluation(table))
+    print(format_evaluation(result))
     if args.csv:
+        table = result.table()
         pacsv.write_csv(table, args.csv)
         print(f"wrote {table.num_rows} rows to {args.csv}")
     if args.png:
-        plot_evaluation(table, args.png, title=f"{task.name}: accumulated mean-ablation of heads",
+        plot_evaluation(result, args.png, title=f"{task.name}: accumulated mean-ablation of heads",
                         chance=1 / len(task.classnames))
         print(f"wrote {args.png}")
     return 0

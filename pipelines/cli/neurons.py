@@ -76,8 +76,10 @@ def run(args) -> int:
     import pyarrow.parquet as pq
 
     from clipscope.errors import ConfigError
-    from clipscope.pipelines.jobs.neurons.job import (DEFAULT_M, format_accuracy, format_neurons, neuron_table,
-                                             read_pcs, reconstruction_accuracy, run_omp)
+    from clipscope.pipelines.jobs.neurons import Settings, run as run_neurons
+    from clipscope.pipelines.jobs.neurons.job import optional_second_order, read_pcs
+    from clipscope.pipelines.jobs.neurons.report import format_accuracy, format_neurons, neuron_table
+    from clipscope.pipelines.jobs.neurons.settings import DEFAULT_M
     from clipscope.pipelines.texts.pools import get_pool
     from clipscope.pipelines.texts.zero_shot import chance_line, default_task, get_task, labelled_count
     from clipscope.storage.store import RunStore
@@ -103,14 +105,14 @@ def run(args) -> int:
               f"accuracy ({task_name}); pass --no-accuracy to silence this")
         args.no_accuracy = True
     shown = _shown_neurons(args, store, n_neurons)
+    settings = Settings(layer=args.layer, texts=tuple(pool.texts), pool_name=pool.name, m=DEFAULT_M + (args.m,),
+                        reference_preprocessing=args.reference_preprocessing, accuracy=not args.no_accuracy,
+                        task=args.task, **reduction_options.job_options(args))
     with executor_from_args(args, store=args.store) as executor:
-        result = run_omp(store, args.layer, pool, m=DEFAULT_M + (args.m,),
-                         reference_preprocessing=args.reference_preprocessing, executor=executor,
-                         **reduction_options.job_options(args))
-        accuracy = None if args.no_accuracy else reconstruction_accuracy(store, args.layer, task=args.task,
-                                                                         executor=executor,
-                                                                         **reduction_options.job_options(args))
-    table = neuron_table(store, args.layer, pool, m=args.m, top=args.top, neurons=shown)
+        result = run_neurons(store, settings, executor)
+    accuracy = result.accuracy if settings.accuracy else None
+    table = neuron_table(result, pool, m=args.m, top=args.top, neurons=shown,
+                         pc_explained=optional_second_order(store, args.layer, "pc_explained"))
     print(f"layer {args.layer}: {n_neurons} neurons, pool {pool.name} ({len(pool.texts)} texts), "
           f"m = {', '.join(map(str, result.m))}, dictionary {result.attrs['preprocessing']}")
     print(format_neurons(table, shown, args.m))

@@ -20,17 +20,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import dataclasses
     import logging
 
     from clipscope.pipelines.cli.notices import warn_if_random_init
 
     from clipscope.errors import ConfigError
-    from clipscope.pipelines.jobs.second_order.ablation import format_evaluation, run_evaluation
-    from clipscope.pipelines.jobs.second_order.job import SecondOrderSettings, format_summary, run_second_order
+    from clipscope.pipelines.jobs import second_order
+    from clipscope.pipelines.jobs.second_order.report import format_evaluation, format_summary
     from clipscope.pipelines.texts.zero_shot import chance_line, default_task, get_task, labelled_count
     from clipscope.storage.store import RunStore
 
-    settings = SecondOrderSettings(top_k=args.top_k, neuron_chunk=args.neuron_chunk)
+    settings = second_order.Settings(args.layer, top_k=args.top_k, neuron_chunk=args.neuron_chunk,
+                                     **reduction_options.job_options(args))
     check_executor_args(args)
     store = RunStore.open(args.store, "r+")
     warn_if_random_init(store.attrs.get("model"))
@@ -44,19 +46,17 @@ def run(args) -> int:
         print(f"second-order: no labelled samples in {store.url} (no .cls in the shards); skipping the zero-shot "
               f"evaluation ({task.name}); pass --no-evaluation to silence this")
         task = None
+    settings = dataclasses.replace(settings, task=None if task is None else task.name)
     with executor_from_args(args, store=args.store) as executor:
-        result = run_second_order(store, args.layer, settings=settings, executor=executor,
-                                  **reduction_options.job_options(args))
-        print(format_summary(result))
-        n_images = int(store.read_valid().sum())
-        if n_images < settings.top_k:
-            logging.getLogger("clipscope.cli.second_order").warning(
-                "second-order: only %d images for --top-k %d: each neuron's PC is fitted on all %d images, so "
-                "the sparsity statistics and PCs describe these images, not the neuron (use more than %d images)",
-                n_images, settings.top_k, n_images, settings.top_k)
-        if task is not None:
-            table = run_evaluation(store, args.layer, task, settings=settings, executor=executor,
-                                   **reduction_options.job_options(args))
-            print(format_evaluation(table, task.name))
-            print(chance_line(store, task))
+        result = second_order.run(store, settings, executor)
+    print(format_summary(result))
+    n_images = int(store.read_valid().sum())
+    if n_images < settings.top_k:
+        logging.getLogger("clipscope.cli.second_order").warning(
+            "second-order: only %d images for --top-k %d: each neuron's PC is fitted on all %d images, so "
+            "the sparsity statistics and PCs describe these images, not the neuron (use more than %d images)",
+            n_images, settings.top_k, n_images, settings.top_k)
+    if task is not None:
+        print(format_evaluation(result))
+        print(chance_line(store, task))
     return 0

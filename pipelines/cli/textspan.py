@@ -53,14 +53,10 @@ def _warn_few_images(store, span_rank) -> None:
             "images, not the head (use ≥ %d images)", n_images, rank, n_images, max(n_images - 1, 0), rank)
 
 
-def _curve_sizes(table, sizes: tuple[int, ...]) -> tuple[int, ...]:
+def _curve_sizes(result, sizes: tuple[int, ...]) -> tuple[int, ...]:
     """The curve's m values that every head has picks for; the larger ones are dropped with a notice
     (TextSpan stops at the pool's size and at the span rank)."""
-    import numpy as np
-
-    per_head = np.unique(np.stack([table.column("layer").to_numpy(), table.column("head").to_numpy()], 1),
-                         axis=0, return_counts=True)[1]
-    available = int(per_head.min())
+    available = min(int(picks.shape[1]) for picks in result.indices.values())
     kept = tuple(m for m in sizes if m <= available)
     if kept != sizes:
         kept = kept if kept and kept[-1] == available else kept + (available,)
@@ -70,56 +66,58 @@ def _curve_sizes(table, sizes: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def run(args) -> int:
-    from clipscope.pipelines.cli.notices import warn_if_random_init
+    import dataclasses
 
     import pyarrow.csv as pacsv
 
     from clipscope.errors import ConfigError
-    from clipscope.pipelines.texts.pools import get_pool
-    from clipscope.pipelines.jobs.textspan.curve import check_basis_sizes, format_curve, plot_curve, reconstruction_curve
-    from clipscope.pipelines.jobs.textspan.job import (
-        TextSpanSettings,
-        format_textspan,
-        parse_span_rank,
-        run_textspan,
-    )
+    from clipscope.pipelines.cli.notices import warn_if_random_init
+
+    from clipscope.pipelines.jobs import textspan
+    from clipscope.pipelines.jobs.textspan import curve
+    from clipscope.pipelines.jobs.textspan.curve.report import format_curve, plot_curve
+    from clipscope.pipelines.jobs.textspan.report import format_textspan
+    from clipscope.pipelines.jobs.textspan.settings import parse_span_rank
     from clipscope.pipelines.texts.zero_shot import chance_line, default_task, get_task, labelled_count
     from clipscope.storage.store import RunStore
 
+    options = reduction_options.job_options(args)
+    curve_settings = curve.Settings(basis_sizes=tuple(args.curve_sizes), allow_incomplete=options["allow_incomplete"]
+                                    ) if args.curve else None
     if args.basis_size is None:
-        args.basis_size = max(10, max(check_basis_sizes(args.curve_sizes))) if args.curve else 10
+        args.basis_size = max(10, max(curve_settings.sizes)) if args.curve else 10
         if args.curve and args.basis_size > 10:
             print(f"textspan: --curve scores up to {args.basis_size} texts per head, so TextSpan picks "
                   f"-m {args.basis_size} texts per head")
-    settings = TextSpanSettings(basis_size=args.basis_size, span_rank=parse_span_rank(args.span_rank),
-                                normalize=not args.no_normalize)
-    if args.curve and max(check_basis_sizes(args.curve_sizes)) > args.basis_size:
+    settings = textspan.Settings(layers=None if args.layers is None else tuple(args.layers), pool=args.pool,
+                                 basis_size=args.basis_size, span_rank=parse_span_rank(args.span_rank),
+                                 normalize=not args.no_normalize, **options)
+    if curve_settings is not None and max(curve_settings.sizes) > args.basis_size:
         raise ConfigError(f"--curve needs --basis-size ≥ the largest of --curve-sizes ({max(args.curve_sizes)}), "
                           f"got {args.basis_size}")
     check_executor_args(args)
     store = RunStore.open(args.store, "r+")
     warn_if_random_init(store.attrs.get("model"))
-    layers = args.layers or list(store.info.heads_layers)[-4:]
-    pool = get_pool(args.pool)
     task = get_task(args.task or default_task(store)) if args.curve else None
     if task is not None and labelled_count(store, task) == 0:  # before any work
         raise ConfigError(f"--curve scores zero-shot accuracy ({task.name}), but no valid sample of {store.url} has "
                           f"a label for it (no .cls in the shards); leave out --curve")
     with executor_from_args(args, store=args.store) as executor:
-        table = run_textspan(store, layers, pool.texts, settings=settings, pool_name=pool.name,
-                             executor=executor, **reduction_options.job_options(args))
-        print(format_textspan(table, per_head=args.basis_size))
+        result = textspan.run(store, settings, executor)
+        print(format_textspan(result, per_head=args.basis_size))
         _warn_few_images(store, settings.span_rank)
         if args.csv:
+            table = result.table()
             pacsv.write_csv(table, args.csv)
             print(f"wrote {table.num_rows} rows to {args.csv}")
-        if task is not None:
-            sizes = _curve_sizes(table, check_basis_sizes(args.curve_sizes))
-            result = reconstruction_curve(store, layers, texts=pool.texts, task=task, basis_sizes=sizes,
-                                          executor=executor)
-            print(format_curve(result))
+        if curve_settings is not None:
+            curve_settings = dataclasses.replace(curve_settings, layers=result.layers, task=task.name,
+                                                 texts=result.texts,
+                                                 basis_sizes=_curve_sizes(result, curve_settings.sizes))
+            scored = curve.run(store, curve_settings, executor)
+            print(format_curve(scored))
             print(chance_line(store, task))
             plot = args.plot or f"textspan-curve-{task.name}.png"
-            plot_curve(result, plot)
+            plot_curve(scored, plot)
             print(f"wrote the curve to {plot} and {store.url} (reductions/textspan/curve/{task.name})")
     return 0

@@ -1,4 +1,4 @@
-"""A literal, loop-by-loop re-implementation of the `split` ln_post convention (DESIGN §3), the
+"""A literal, loop-by-loop re-implementation of the `split` ln_post convention (docs/methods.md), the
 test oracle of issue 20.
 
 Written from the contract's words, not from the kernel: it works on the open_clip module itself

@@ -1,4 +1,4 @@
-"""DESIGN §3 identities: the decomposition sums to encode_image; second order equals brute force."""
+"""docs/methods.md identities: the decomposition sums to encode_image; second order equals brute force."""
 
 import copy
 
@@ -95,7 +95,7 @@ def _trace(model, images, source):
 def _brute_force_phi(model, captured, source, neurons, convention):
     """Push each neuron's write e_t = p_t · ls₂ ⊙ w_out through the frozen later attention layers.
 
-    Under `split` (DESIGN §3, l' 0-based, N neurons, H heads, s = 1/((1+2l')·N)) the neuron also
+    Under `split` (docs/methods.md, l' 0-based, N neurons, H heads, s = 1/((1+2l')·N)) the neuron also
     writes ls₂ ⊙ b_out/N; ln₁ subtracts s·μ_t and adds s·β₁; the value adds s·b_V, the out-projection
     s·b_O/H per head; ln_post's mean and β enter with s/((1+2L)·H) per head."""
     visual = model.visual

@@ -52,7 +52,7 @@ def test_cls_token_matches_attention_from_the_live_model(model_cache):
         final = captured["final"][:, 0]
         mu, sigma = final.mean(-1), torch.sqrt(final.var(-1, unbiased=False) + visual.ln_post.eps)
         n_layers, n_heads, width = spec.n_layers, spec.n_heads, spec.width
-        k = 2 * n_layers + 1  # split: embedding, L MLPs, L attention layers (DESIGN §3)
+        k = 2 * n_layers + 1  # split: embedding, L MLPs, L attention layers (docs/methods.md)
         tokens = captured["y0"].shape[1]
         gamma, beta, proj = visual.ln_post.weight, visual.ln_post.bias, visual.proj
         expected = []

@@ -1,4 +1,4 @@
-"""Issue 20: the `split` convention equals the literal reference procedure of DESIGN §3 term for term,
+"""Issue 20: the `split` convention equals the literal reference procedure of docs/methods.md term for term,
 first and second order, on tiny models whose every bias, LayerNorm gain/bias and LayerScale is random
 and non-zero (so every share matters). Kernel in float32 (and float64) against the float64 oracle
 of `split_reference.py`."""

@@ -2,7 +2,7 @@
 
 Mean-ablating a set S of components turns an image's embedding into emb − Σ_{c∈S}(c − c̄), with c̄
 the component's mean over the store's valid rows (`reductions/means/…`, computed once when missing).
-Every term is already folded through ln_post with the image's own μ, σ (DESIGN §3), so no forward
+Every term is already folded through ln_post with the image's own μ, σ (docs/methods.md), so no forward
 pass is needed: the result equals ablating the same components at the output of the live model.
 
 Ablations (names are the `ablation` column and the store's `ablations` attribute):
@@ -17,32 +17,31 @@ With `--heads-layers` a subset, "stored layers" are that subset (the group attri
 
 Rows are streamed in row blocks (picklable map function, fixed-tree reduce over integer counts, so a
 Ray run counts exactly what a local run counts). Results: `reductions/evaluation/<task>/accuracy`
-and `…/correct` [ablation] with the ablation names in the attributes, and a pyarrow table.
+and `…/correct` [ablation] with the ablation names in the attributes (`result.Result`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from clipscope.errors import ConfigError, ParameterError, StoreError
 from clipscope.kernels.ablation import ablation_delta, masked_head_delta
 from clipscope.kernels.zero_shot import correct_counts, zero_shot_logits
-from clipscope.pipelines.models.loading import LoadedModel
 from clipscope.cluster.executor import Executor
 from clipscope.pipelines.jobs.means.job import current_means, reduce_rows, row_blocks, stale_means
+from clipscope.pipelines.jobs.evaluate.result import Result
+from clipscope.pipelines.jobs.evaluate.settings import Settings
+from clipscope.pipelines.models.loading import LoadedModel
 from clipscope.pipelines.texts.zero_shot import ZeroShotTask, classifier, get_task, store_classes
-from clipscope.storage.results import Reduction, begin_reduction, settings_digest
+from clipscope.storage.results import begin_reduction, settings_digest
 from clipscope.storage import schema
 from clipscope.storage.store import RunStore
 
-RESULT_PREFIX = "reductions/evaluation"  # = schema.EVALUATION without the task
 CLS_ARRAY = schema.DIRECT_CLS_TOKEN.path()
 HEADS, MLPS, EMBEDDING = schema.DIRECT_HEADS.path(), schema.DIRECT_MLPS.path(), schema.IMAGE_EMBEDDING.path()
 # Rows converted to float64 at a time inside a block: bounds memory for wide models (ViT-L: ~150 MB).
@@ -217,40 +216,30 @@ def _add_counts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {"correct": a["correct"] + b["correct"], "n": a["n"] + b["n"]}
 
 
-def evaluate_ablations(store: RunStore, task: str | ZeroShotTask, *, heads: Sequence[str] = (),
-                       keep_last: Sequence[int] = (), include_cls: bool = True, executor: Executor | None = None,
-                       loaded: LoadedModel | None = None, allow_incomplete: bool = False,
-                       force: bool = False) -> pa.Table:
-    """Zero-shot accuracy of `task` under every ablation; written into the store when it is writable.
+def run(store: RunStore, settings: Settings, executor: Executor | None = None, *,
+        loaded: LoadedModel | None = None) -> Result:
+    """Zero-shot accuracy of `settings.task` under every ablation; written into the store when it is writable.
 
-    `heads` are named head sets ("L10H3,L11H0" or "10:3,11:0"), `keep_last` values k for the
-    keep-only-the-last-k-layers'-heads ablations; `loaded` is the store's model (for the text side),
-    loaded from the store's identity when not given. The group `reductions/evaluation/<task>` is
-    written whole; a rerun with the same ablations and task on the same extraction reads it back
-    (unless `force`).
+    `loaded` is the store's model (for the text side), loaded from the store's identity when not given
+    and the task's prompts are not yet encoded in the store. The group `reductions/evaluation/<task>` is written whole; a rerun
+    with the same ablations and task on the same extraction reads it back (unless `settings.force`).
     """
-    task = get_task(task) if isinstance(task, str) else task
+    task = get_task(settings.task)
     layers = stored_head_layers(store)
     n_heads = store.array(HEADS).shape[2]
-    ablations = build_ablations(layers, n_heads, heads=heads, keep_last=keep_last, include_cls=include_cls)
-    settings = {"task": task.name, "ablations": [a.name for a in ablations], "prompts": settings_digest(task.prompts)}
-    with begin_reduction(store, "evaluate", settings, allow_incomplete=allow_incomplete, force=force) as run:
-        group = schema.EVALUATION.path(task=task.name)
-        if run.is_current(group):
-            correct = store.read_result(f"{group}/correct")
-            n = int(store.array(f"{group}/correct").attrs["n"])
-        else:
-            correct, n = _count_correct(store, task, ablations, executor, loaded)
-            if store.mode == "r+":
-                write_evaluation(store, task, ablations, correct / n, correct, n, layers, run=run)
-    return pa.table({
-        "ablation": [a.name for a in ablations],
-        "kind": [a.kind for a in ablations],
-        "layer": pa.array([a.layer for a in ablations], pa.int64()),
-        "accuracy": correct / n,
-        "correct": correct,
-        "n": pa.array([n] * len(ablations), pa.int64()),
-    })
+    ablations = build_ablations(layers, n_heads, heads=settings.heads, keep_last=settings.keep_last,
+                                include_cls=settings.include_cls)
+    record = {"task": task.name, "ablations": [a.name for a in ablations], "prompts": settings_digest(task.prompts)}
+    with begin_reduction(store, "evaluate", record, allow_incomplete=settings.allow_incomplete,
+                         force=settings.force) as reduction:
+        if reduction.is_current(schema.EVALUATION.path(task=task.name)):
+            return Result.read(store, settings)
+        correct, n = _count_correct(store, task, ablations, executor, loaded)
+        result = Result(settings, tuple(a.name for a in ablations), tuple(a.kind for a in ablations), correct,
+                        correct / n, n, len(task.classnames), tuple(layers))
+        if store.mode == "r+":
+            result.write(reduction)
+    return result
 
 
 def _count_correct(store: RunStore, task: ZeroShotTask, ablations: Sequence[Ablation], executor: Executor | None,
@@ -265,62 +254,3 @@ def _count_correct(store: RunStore, task: ZeroShotTask, ablations: Sequence[Abla
                          _EvaluateBlock(store, tuple(ablations), means, weights, classes), _add_counts,
                          desc="evaluate")
     return counts["correct"], int(counts["n"])
-
-
-def write_evaluation(store: RunStore, task: ZeroShotTask, ablations: Sequence[Ablation], accuracy: np.ndarray,
-                     correct: np.ndarray, n: int, layers: Sequence[int], *, run: Reduction | None = None) -> None:
-    """Replace `reductions/evaluation/<task>` (another run may have had other head sets) as one unit."""
-    group = schema.EVALUATION.path(task=task.name)
-    attrs = {"task": task.name, "ablations": [a.name for a in ablations], "kinds": [a.kind for a in ablations],
-             "n": int(n), "n_classes": len(task.classnames), "heads_layers": list(layers)}
-    arrays = {"accuracy": (np.asarray(accuracy, np.float64), schema.EVALUATION.dims("accuracy"), attrs),
-              "correct": (np.asarray(correct, np.int64), schema.EVALUATION.dims("correct"), attrs)}
-    if run is not None:
-        run.write_group(group, arrays, attrs)
-    else:
-        store.write_result_group(group, arrays, attrs)
-
-
-def format_evaluation(table: pa.Table) -> str:
-    data = table.to_pydict()
-    base = data["accuracy"][0]
-    width = max(len(name) for name in data["ablation"])
-    lines = [f"{'ablation':<{width}}  accuracy  change      n"]
-    for name, acc, n in zip(data["ablation"], data["accuracy"], data["n"]):
-        lines.append(f"{name:<{width}}  {acc:8.4f}  {acc - base:+7.4f}  {n:5d}")
-    return "\n".join(lines)
-
-
-def plot_evaluation(table: pa.Table, path: str | Path, *, title: str = "", chance: float | None = None) -> None:
-    """Accuracy against the last mean-ablated layer of the cumulative head ablations, with the
-    baseline, MLP, class-token, keep-last-k and head-set ablations as horizontal lines and the
-    chance level (`chance`, e.g. 1/classes) as a grey band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = table.to_pydict()
-    rows = list(zip(data["ablation"], data["kind"], data["layer"], data["accuracy"]))
-    curve = [(layer, acc) for _, kind, layer, acc in rows if kind == "cumulative"]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot([c[0] for c in curve], [c[1] for c in curve], "o-", color="tab:blue",
-            label="heads of layers ≤ l mean-ablated")
-    styles = {"baseline": ("black", "-"), "mlps": ("tab:orange", "--"), "cls_token": ("tab:green", "--"),
-              "mlps+cls_token": ("tab:red", ":"), "keep_last": ("tab:purple", "-."), "heads": ("tab:brown", "-.")}
-    for name, kind, _, acc in rows:
-        if kind in styles:
-            colour, line = styles[kind]
-            label = name.replace("keep_last_", "only the last ") + (" layers' heads kept" if kind == "keep_last" else "")
-            ax.axhline(acc, color=colour, linestyle=line, label=f"{label} ({acc:.3f})")
-    if chance is not None:
-        ax.axhline(chance, color="grey", linestyle=(0, (1, 3)), linewidth=2, label=f"chance ({chance:.3f})")
-    ax.set_xlabel("last mean-ablated layer l")
-    ax.set_ylabel("zero-shot accuracy")
-    ax.set_ylim(0, 1)
-    if curve:
-        ax.set_xticks([c[0] for c in curve])
-    ax.set_title(title or "accumulated mean-ablation of heads")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)

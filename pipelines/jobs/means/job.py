@@ -17,27 +17,19 @@ import torch
 from clipscope.cluster.executor import Executor, LocalExecutor
 from clipscope.errors import ConfigError
 from clipscope.kernels.textspan import TextSpanStats, merge_stats, textspan_stats
+from clipscope.pipelines.jobs.means.result import Result, resolved_names
+from clipscope.pipelines.jobs.means.settings import Settings
 from clipscope.storage.layout import row_slices
 from clipscope.storage import schema
-from clipscope.storage.results import begin_reduction, extraction_fingerprint, store_lock
+from clipscope.storage.results import begin_reduction, extraction_fingerprint
 from clipscope.storage.store import RunStore
 
 log = logging.getLogger(__name__)
-
-MEAN_PREFIX = "reductions/means"  # schema.MEANS: reductions/means/<array>
 
 
 def row_blocks(store: RunStore, chunks_per_block: int = 4) -> list[slice]:
     """Chunk-aligned row ranges covering the store."""
     return row_slices(store.n_rows, store.rows_per_chunk * chunks_per_block)
-
-
-def mean_array_names(store: RunStore) -> list[str]:
-    """Per-sample arrays whose dataset mean is needed for mean-ablation."""
-    sources = (schema.IMAGE_EMBEDDING, schema.DIRECT_EMBEDDING, schema.DIRECT_BIAS, schema.DIRECT_MLPS,
-               schema.DIRECT_HEADS, schema.DIRECT_CLS_TOKEN, schema.DIRECT_TOKENS, schema.SECOND_ORDER_WEIGHTS,
-               schema.SECOND_ORDER_SHARED)
-    return [n for n in store.array_names(per_sample=True) if any(d.matches(n) is not None for d in sources)]
 
 
 @dataclass(frozen=True)
@@ -73,28 +65,15 @@ def reduce_rows(executor: Executor | None, store: RunStore, blocks: Sequence[sli
     return executor.map_reduce(blocks, map_fn, combine_fn, desc=desc, unit="img", sizes=valid_counts(store, blocks))
 
 
-def dataset_means(store: RunStore, names: Sequence[str] | None = None, *, executor: Executor | None = None,
-                  write: bool = True) -> dict[str, np.ndarray]:
-    """Mean over valid rows of every direct-effect and second-order array (for mean-ablation).
-
-    Each mean is written as one array (complete or absent) under the store's lock, with the number of
-    rows it averages and the extraction's fingerprint in its attributes (see `stale_means`).
-    """
-    names = tuple(mean_array_names(store) if names is None else names)
+def compute_means(store: RunStore, names: Sequence[str] | None = None, *,
+                  executor: Executor | None = None) -> Result:
+    """Mean over valid rows of `names` (None: every direct-effect and second-order array), not written."""
+    settings = Settings(names=None if names is None else tuple(names))
+    names = resolved_names(store, settings)
     sums = reduce_rows(executor, store, row_blocks(store), _SumBlock(store, names), _add_sums, desc="means")
     if sums["count"] == 0:
         raise ConfigError(f"{store.url} has no valid rows to average")
-    means = {name: sums[name] / sums["count"] for name in names}
-    if write:
-        attrs: dict[str, Any] = {"count": sums["count"]}
-        inputs = extraction_fingerprint(store)
-        if inputs is not None:
-            attrs["inputs"] = inputs
-        with store_lock(store, "clipscope means"):
-            for name, mean in means.items():
-                dims = store.dims(name)[1:]
-                store.write_result(schema.MEANS.path(array=name), mean, dims, attrs)
-    return means
+    return Result(settings, {name: sums[name] / sums["count"] for name in names}, sums["count"])
 
 
 def stale_means(store: RunStore, names: Sequence[str]) -> list[str]:
@@ -105,7 +84,7 @@ def stale_means(store: RunStore, names: Sequence[str]) -> list[str]:
     existing = set(store.array_names())
     stale = []
     for n in names:
-        name = f"{MEAN_PREFIX}/{n}"
+        name = schema.MEANS.path(array=n)
         attrs = store.array(name).attrs if name in existing else {}
         # a mean written before clipscope recorded the extraction's fingerprint is judged by its count alone
         recorded = attrs.get("inputs", inputs)
@@ -114,30 +93,37 @@ def stale_means(store: RunStore, names: Sequence[str]) -> list[str]:
     return stale
 
 
+def _refreshed(store: RunStore, settings: Settings, stale: Sequence[str], executor: Executor | None) -> Result:
+    """The means of `settings`: `stale` ones computed in one pass (and stored when the store is writable),
+    the others read from `reductions/means`."""
+    names = resolved_names(store, settings)
+    fresh = compute_means(store, stale, executor=executor) if stale else None
+    if fresh is not None and store.mode == "r+":
+        fresh.write(store)
+    means = {n: fresh.means[n] if fresh is not None and n in fresh.means
+             else store.read_result(schema.MEANS.path(array=n)).astype(np.float64) for n in names}
+    count = fresh.count if fresh is not None else int(store.read_valid().sum())
+    return Result(settings, means, count)
+
+
 def current_means(store: RunStore, names: Sequence[str], *,
                   executor: Executor | None = None) -> dict[str, np.ndarray]:
     """Dataset means (float64) of `names`: up-to-date ones are read from `reductions/means`, the
     others computed in one pass (and stored when the store is writable)."""
-    stale = stale_means(store, names)
-    fresh = dataset_means(store, stale, executor=executor, write=store.mode == "r+") if stale else {}
-    return {n: fresh[n] if n in fresh else store.read_result(f"{MEAN_PREFIX}/{n}").astype(np.float64)
-            for n in names}
+    return _refreshed(store, Settings(names=tuple(names)), stale_means(store, names), executor).means
 
 
-def run_means(store: RunStore, names: Sequence[str] | None = None, *, executor: Executor | None = None,
-              allow_incomplete: bool = False, force: bool = False) -> dict[str, np.ndarray]:
+def run(store: RunStore, settings: Settings, executor: Executor | None = None) -> Result:
     """The means reduction on its own: refuses an incomplete store (unless `allow_incomplete`), holds
     the store's lock, recomputes only stale means (all of them with `force`)."""
-    names = tuple(mean_array_names(store) if names is None else names)
-    with begin_reduction(store, "means", {"names": list(names)}, allow_incomplete=allow_incomplete,
-                         force=force):
-        if force:
-            return dataset_means(store, names, executor=executor, write=store.mode == "r+")
-        stale = stale_means(store, names)
+    names = resolved_names(store, settings)
+    with begin_reduction(store, "means", {"names": list(names)}, allow_incomplete=settings.allow_incomplete,
+                         force=settings.force):
+        stale = list(names) if settings.force else stale_means(store, names)
         if not stale:
             log.info("means: reductions/means is up to date for %d arrays (same extraction), not recomputed; "
                      "force recomputes it", len(names))
-        return current_means(store, names, executor=executor)
+        return _refreshed(store, settings, stale, executor)
 
 
 def head_positions(store: RunStore, layers: Sequence[int]) -> list[int]:

@@ -1,54 +1,71 @@
 """Sparse text decomposition of every neuron's second-order PC (second-order paper §4).
 
-`run_omp` approximates the unit PC r_n of every neuron of a layer (`reductions/second_order/
+`run` approximates the unit PC r_n of every neuron of a layer (`reductions/second_order/
 layer_{l}/pc`, written by the second-order job) by m atoms of a text dictionary with orthogonal
 matching pursuit, no intercept (sklearn `orthogonal_mp_gram` semantics), for several m from one
 greedy run at the largest m (`kernels.omp.omp_path`). The dictionary is the pool's unit text
 embeddings (cached in the store), or with `reference_preprocessing` the reference code's
 dictionary (`kernels.omp.reference_dictionary`); the preprocessing changes the atoms only: the
 target stays r_n and the reconstruction r̂_n = Σ γ_j X_j is a vector of the same space (the
-reference reconstructs exactly so). Neurons are solved in blocks, spread as Ray tasks when asked.
+reference reconstructs exactly so). Neurons are solved in blocks, spread over the executor's tasks.
 
-`reconstruction_accuracy` is the paper's Fig. 4: zero-shot accuracy when all neurons of the layer
-are replaced at once by their reconstruction (see its docstring for the exact definition).
-
-Results, under `reductions/omp/layer_{l}/`:
-  m[m]                      the sparsities (each ≤ the pool size)
-  support[neuron, pick]     text indices in OMP pick order for the largest m (−1: stopped early)
-  coefs[m, neuron, pick]    coefficient of support[neuron, pick] in the m-atom solution (0 past m)
-  residual_norm[neuron, m]  ‖r_n − r̂_n‖ of the m-atom solution
-  accuracy[m]               zero-shot accuracy with r̂ from m atoms (attrs: PC1-only and baseline)
-attrs: pool, pool_hash, n_texts, texts_key (the cached embeddings), m, preprocessing, pc_sha256.
+Then (`settings.accuracy`) the paper's Fig. 4: zero-shot accuracy when all neurons of the layer
+are replaced at once by their reconstruction (see `_reconstruction_accuracy` for the definition).
+What is stored where: result.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from clipscope.errors import ConfigError, ParameterError, StoreError
-from clipscope.kernels.zero_shot import count_correct
-from clipscope.kernels.omp import omp_path, path_reconstruction, reference_dictionary
-from clipscope.pipelines.models.loading import LoadedModel
 from clipscope.cluster.executor import Executor, LocalExecutor
+from clipscope.errors import ConfigError, StoreError
+from clipscope.kernels.omp import omp_path, path_reconstruction, reference_dictionary
+from clipscope.kernels.zero_shot import count_correct
 from clipscope.pipelines.jobs.means.job import current_means, reduce_rows, row_blocks
-from clipscope.pipelines.texts.pools import TextPool
+from clipscope.pipelines.jobs.neurons.result import ReconstructionAccuracy, Result, accuracy_name
+from clipscope.pipelines.jobs.neurons.settings import Settings
+from clipscope.pipelines.models.loading import LoadedModel
 from clipscope.pipelines.texts.embedding_cache import cached_text_embeddings, embeddings_key
-from clipscope.storage.layout import row_slices
+from clipscope.pipelines.texts.pools import TextPool, pool_hash
 from clipscope.storage import schema
+from clipscope.storage.layout import row_slices
 from clipscope.storage.results import RESULT_ATTR, Reduction, begin_reduction, settings_digest
 from clipscope.storage.store import RunStore
 
-RESULT_PREFIX = "reductions/omp"
-SECOND_ORDER_PREFIX = "reductions/second_order"
-DEFAULT_M = (4, 8, 16, 32, 64, 128)
-NEURONS_PER_TASK = 512
 NEURONS_PER_BLOCK = 128  # bounds the [block, m, m] and [block, m, embed] gathers
+
+
+def run(store: RunStore, settings: Settings, executor: Executor | None = None, *,
+        loaded: LoadedModel | None = None) -> Result:
+    """OMP of every neuron's PC of `settings.layer` on the pool's texts, written to `reductions/omp/layer_{l}/`
+    whole; then, with `settings.accuracy`, the reconstruction accuracy added to that group.
+
+    A rerun with the same pool, m, dictionary and PCs on the same extraction reads the OMP back (unless
+    `force`); likewise the accuracy for the same task and OMP. Text embeddings come from the store's cache,
+    filled when missing with `loaded` (default: the store's model, loaded then).
+    """
+    layer = settings.layer
+    pool = TextPool(settings.pool_name, list(settings.texts), pool_hash(list(settings.texts)))
+    pcs = read_pcs(store, layer)
+    sparsities = m_values(settings.m, len(pool.texts))
+    record = {"layer": layer, "pool_hash": pool.hash, "m": list(sparsities),
+              "reference_preprocessing": settings.reference_preprocessing, "pc_sha256": pcs_digest(pcs)}
+    with begin_reduction(store, "neurons", record, allow_incomplete=settings.allow_incomplete,
+                         force=settings.force) as reduction:
+        if reduction.is_current(schema.OMP.path(layer=layer)):
+            result = Result.of_layer(store, layer)
+        else:
+            result = _solve(reduction, layer, pool, pcs, sparsities, settings, executor, loaded)
+            result.write(reduction)
+    if settings.accuracy:
+        result = dataclasses.replace(result, accuracy=_reconstruction_accuracy(store, settings, executor, loaded))
+    return result
 
 
 def second_order_command(store: RunStore, layer: int) -> str:
@@ -76,15 +93,9 @@ def pcs_digest(pcs: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(pcs, np.float64).tobytes()).hexdigest()[:16]
 
 
-def m_values(m: int | Sequence[int], pool_size: int) -> tuple[int, ...]:
-    """The sparsities to solve: each requested m capped by the pool size, sorted, without repeats."""
-    values = [m] if isinstance(m, int) else list(m)
-    if not values:
-        raise ParameterError("m", "must name at least one sparsity")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ParameterError("m", f"must be integers ≥ 1, got {value!r}")
-    return tuple(sorted({min(value, pool_size) for value in values}))
+def m_values(m: tuple[int, ...], pool_size: int) -> tuple[int, ...]:
+    """The sparsities to solve: each of `m` (validated by Settings) capped by the pool size, sorted, without repeats."""
+    return tuple(sorted({min(value, pool_size) for value in m}))
 
 
 def text_dictionary(embeddings: np.ndarray, reference_preprocessing: bool) -> np.ndarray:
@@ -117,83 +128,34 @@ class _OMPTask:
                 "residual_norm": np.concatenate(parts["residual_norm"])}
 
 
-@dataclass(frozen=True)
-class NeuronDecomposition:
-    """support [neuron pick], coefs [m neuron pick], residual_norm [neuron m] and the settings."""
-
-    support: np.ndarray
-    coefs: np.ndarray
-    residual_norm: np.ndarray
-    m: tuple[int, ...]
-    attrs: dict
-
-
-def run_omp(store: RunStore, layer: int, pool: TextPool, *, m: int | Sequence[int] = DEFAULT_M,
-            reference_preprocessing: bool = False, executor: Executor | None = None, loaded: LoadedModel | None = None,
-            neurons_per_task: int = NEURONS_PER_TASK, allow_incomplete: bool = False,
-            force: bool = False) -> NeuronDecomposition:
-    """OMP of every neuron's PC of `layer` on the pool's texts; writes `reductions/omp/layer_{l}/…` whole.
-
-    A rerun with the same pool, m, dictionary and PCs on the same extraction reads it back (unless `force`).
-    """
-    if isinstance(neurons_per_task, bool) or not isinstance(neurons_per_task, int) or neurons_per_task < 1:
-        raise ConfigError(f"neurons_per_task must be an integer ≥ 1, got {neurons_per_task!r}")
-    pcs = read_pcs(store, layer)
-    sparsities = m_values(m, len(pool.texts))
-    record = {"layer": layer, "pool_hash": pool.hash, "m": list(sparsities),
-              "reference_preprocessing": reference_preprocessing, "pc_sha256": pcs_digest(pcs)}
-    with begin_reduction(store, "neurons", record, allow_incomplete=allow_incomplete, force=force) as run:
-        if run.is_current(schema.OMP.path(layer=layer)):
-            return stored_decomposition(store, layer)
-        return _solve(run, layer, pool, pcs, sparsities, reference_preprocessing, executor, loaded, neurons_per_task)
-
-
-def _solve(run: Reduction, layer: int, pool: TextPool, pcs: np.ndarray, sparsities: tuple[int, ...],
-           reference_preprocessing: bool, executor: Executor | None, loaded: LoadedModel | None,
-           neurons_per_task: int) -> NeuronDecomposition:
-    store = run.store
+def _solve(reduction: Reduction, layer: int, pool: TextPool, pcs: np.ndarray, sparsities: tuple[int, ...],
+           settings: Settings, executor: Executor | None, loaded: LoadedModel | None) -> Result:
+    store = reduction.store
     embeddings = cached_text_embeddings(store, pool.texts, pool_name=pool.name, loaded=loaded)
     if embeddings.shape[1] != pcs.shape[1]:
         raise StoreError(f"text embeddings have {embeddings.shape[1]} dims but the PCs of layer {layer} "
                          f"have {pcs.shape[1]}")
-    task = _OMPTask(text_dictionary(embeddings, reference_preprocessing), pcs, sparsities)
+    task = _OMPTask(text_dictionary(embeddings, settings.reference_preprocessing), pcs, sparsities)
     executor = executor if executor is not None else LocalExecutor()
-    chunks = row_slices(pcs.shape[0], neurons_per_task)
+    chunks = row_slices(pcs.shape[0], settings.neurons_per_task)
     parts = executor.fan_out(task, chunks, desc="neurons OMP", unit="neurons",
                              sizes=[chunk.stop - chunk.start for chunk in chunks])
-    result = NeuronDecomposition(
+    return Result(
+        layer=layer,
         support=np.concatenate([p["support"] for p in parts]).astype(np.int64),
         coefs=np.concatenate([p["coefs"] for p in parts], axis=1),
         residual_norm=np.concatenate([p["residual_norm"] for p in parts]),
         m=sparsities,
         attrs={"pool": pool.name, "pool_hash": pool.hash, "n_texts": len(pool.texts),
                "texts_key": embeddings_key(pool.texts, store.info.model.to_dict()), "m": list(sparsities),
-               "preprocessing": "reference" if reference_preprocessing else "none", "pc_sha256": pcs_digest(pcs)},
-    )
-    # replaced whole: another pool or m changes the shapes, and an old accuracy would be stale
-    run.write_group(schema.OMP.path(layer=layer), {
-        "m": (np.asarray(sparsities, np.int64), schema.OMP.dims("m"), result.attrs),
-        "support": (result.support, schema.OMP.dims("support"), result.attrs),
-        "coefs": (result.coefs, schema.OMP.dims("coefs"), result.attrs),
-        "residual_norm": (result.residual_norm, schema.OMP.dims("residual_norm"), result.attrs),
-    }, result.attrs)
-    return result
-
-
-def stored_decomposition(store: RunStore, layer: int) -> NeuronDecomposition:
-    group = schema.OMP.path(layer=layer)
-    if f"{group}/support" not in store.array_names():
-        raise StoreError(f"{store.url} has no {group}; run `clipscope neurons {store.url} --layer {layer}` first")
-    return NeuronDecomposition(
-        support=store.read_result(f"{group}/support"), coefs=store.read_result(f"{group}/coefs"),
-        residual_norm=store.read_result(f"{group}/residual_norm"),
-        m=tuple(int(v) for v in store.read_result(f"{group}/m")), attrs=dict(store.array(f"{group}/support").attrs),
+               "preprocessing": "reference" if settings.reference_preprocessing else "none",
+               "pc_sha256": pcs_digest(pcs)},
     )
 
 
-def reconstructions(store: RunStore, layer: int) -> tuple[NeuronDecomposition, np.ndarray, np.ndarray]:
+def reconstructions(store: RunStore, layer: int) -> tuple[Result, np.ndarray, np.ndarray]:
     """(the stored decomposition, the PCs [neuron embed], r̂ [m neuron embed]) of `layer`."""
-    result = stored_decomposition(store, layer)
+    result = Result.of_layer(store, layer)
     pcs = read_pcs(store, layer)
     if pcs_digest(pcs) != result.attrs["pc_sha256"]:
         raise StoreError(f"the PCs of layer {layer} changed since its OMP ran; rerun "
@@ -257,16 +219,6 @@ def _add(a: dict, b: dict) -> dict:
     return {key: a[key] + b[key] for key in a}
 
 
-@dataclass(frozen=True)
-class ReconstructionAccuracy:
-    task: str
-    m: tuple[int, ...]
-    accuracy: np.ndarray  # [m]
-    pc_accuracy: float  # r̂ = r (PC1 only)
-    baseline: float  # no replacement
-    n_labelled: int
-
-
 def replace_block(store: RunStore, layer: int, weights: np.ndarray, classes: np.ndarray, *,
                   executor: Executor | None = None) -> tuple[_ReplaceBlock, tuple[int, ...]]:
     """The map function of `reconstruction_accuracy` (variants: r, then r̂ for each m) and the m values."""
@@ -286,10 +238,8 @@ def replace_block(store: RunStore, layer: int, weights: np.ndarray, classes: np.
     return block, result.m
 
 
-def reconstruction_accuracy(store: RunStore, layer: int, *, task: str | None = None,
-                            executor: Executor | None = None,
-                            loaded: LoadedModel | None = None, allow_incomplete: bool = False,
-                            force: bool = False) -> ReconstructionAccuracy:
+def _reconstruction_accuracy(store: RunStore, settings: Settings, executor: Executor | None,
+                             loaded: LoadedModel | None) -> ReconstructionAccuracy:
     """Zero-shot accuracy when every neuron of `layer` is replaced by its sparse text reconstruction.
 
     The paper (§3.3, §4) approximates φ_n(I) ≈ x_n(I) r_n + b_n with b_n = φ̄_n (mean over the
@@ -305,21 +255,20 @@ def reconstruction_accuracy(store: RunStore, layer: int, *, task: str | None = N
     """
     from clipscope.pipelines.texts.zero_shot import classifier, default_task, get_task, store_classes
 
-    zero_shot = get_task(task or default_task(store))
-    name = f"{schema.OMP.path(layer=layer)}/accuracy"
+    layer = settings.layer
+    zero_shot = get_task(settings.task or default_task(store))
+    name = accuracy_name(layer)
     group_attrs = store.result_group_attrs(schema.OMP.path(layer=layer)) or {}
     record = {"layer": layer, "task": zero_shot.name, "prompts": settings_digest(zero_shot.prompts),
               "omp": settings_digest(group_attrs.get(RESULT_ATTR))}
-    with begin_reduction(store, "neurons accuracy", record, allow_incomplete=allow_incomplete, force=force) as run:
-        if run.is_current_array(name):
-            attrs = store.array(name).attrs
-            m = tuple(int(v) for v in store.read_result(f"{schema.OMP.path(layer=layer)}/m"))
-            return ReconstructionAccuracy(attrs["task"], m, store.read_result(name), attrs["pc1_accuracy"],
-                                          attrs["baseline_accuracy"], attrs["n_labelled"])
+    with begin_reduction(store, "neurons accuracy", record, allow_incomplete=settings.allow_incomplete,
+                         force=settings.force) as reduction:
+        if reduction.is_current_array(name):
+            return ReconstructionAccuracy.read(store, layer)
         classes = store_classes(store, zero_shot)
         if not (classes >= 0).any():
             raise ConfigError(f"no valid sample of {store.url} has a class under the zero-shot task "
-                              f"{zero_shot.name!r}; skip the accuracy with --no-accuracy")
+                              f"{zero_shot.name!r}; skip the accuracy with accuracy=False (--no-accuracy)")
         weights = classifier(store, zero_shot, loaded)
         block, sparsities = replace_block(store, layer, weights, classes, executor=executor)
         counts = reduce_rows(executor, store, row_blocks(store), block, _add, desc="neurons accuracy")
@@ -327,76 +276,5 @@ def reconstruction_accuracy(store: RunStore, layer: int, *, task: str | None = N
         out = ReconstructionAccuracy(zero_shot.name, sparsities, rates[2:], float(rates[1]), float(rates[0]),
                                      int(counts["labelled"]))
         if store.mode == "r+":
-            attrs = {"task": out.task, "pc1_accuracy": out.pc_accuracy, "baseline_accuracy": out.baseline,
-                     "n_labelled": out.n_labelled, "projection": "pc"}
-            run.write_array(name, out.accuracy, schema.OMP.dims("accuracy"), attrs)
+            out.write(reduction, layer)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Tables
-
-
-def neuron_table(store: RunStore, layer: int, pool: TextPool, *, m: int, top: int = 5,
-                 neurons: Sequence[int] | None = None) -> pa.Table:
-    """Per neuron its `top` texts of the m-atom decomposition by |coefficient| (one row per text)."""
-    result = stored_decomposition(store, layer)
-    if result.attrs["pool_hash"] != pool.hash:
-        raise StoreError(f"the OMP of layer {layer} used pool {result.attrs['pool']!r}, not {pool.name!r} "
-                         f"(its texts differ); rerun `clipscope neurons` with this pool")
-    if m not in result.m:
-        raise ParameterError("m", f"{m} was not solved for layer {layer}; stored m: {list(result.m)}")
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ParameterError("top", f"must be an integer ≥ 1, got {top!r}")
-    n_neurons = result.support.shape[0]
-    chosen = list(range(n_neurons)) if neurons is None else [int(n) for n in neurons]
-    bad = [n for n in chosen if not 0 <= n < n_neurons]
-    if bad:
-        raise ParameterError("neurons", f"must lie in 0..{n_neurons - 1}, got {bad[0]}")
-    i = result.m.index(m)
-    explained = optional_second_order(store, layer, "pc_explained")
-    columns: dict[str, list] = {k: [] for k in ("layer", "neuron", "rank", "text_index", "text", "coefficient",
-                                                "sign", "pc_explained", "residual_norm")}
-    for n in chosen:
-        support, coefs = result.support[n, :m], result.coefs[i, n, :m]
-        picked = np.flatnonzero(support >= 0)
-        order = picked[np.argsort(-np.abs(coefs[picked]), kind="stable")][:top]
-        for rank, k in enumerate(order):
-            columns["layer"].append(layer)
-            columns["neuron"].append(n)
-            columns["rank"].append(rank)
-            columns["text_index"].append(int(support[k]))
-            columns["text"].append(pool.texts[int(support[k])])
-            columns["coefficient"].append(float(coefs[k]))
-            columns["sign"].append("+" if coefs[k] > 0 else "-")
-            columns["pc_explained"].append(None if explained is None else float(explained[n]))
-            columns["residual_norm"].append(float(result.residual_norm[n, i]))
-    return pa.table(columns, schema=pa.schema([
-        ("layer", pa.int64()), ("neuron", pa.int64()), ("rank", pa.int64()), ("text_index", pa.int64()),
-        ("text", pa.string()), ("coefficient", pa.float64()), ("sign", pa.string()),
-        ("pc_explained", pa.float64()), ("residual_norm", pa.float64())]))
-
-
-def format_neurons(table: pa.Table, neurons: Sequence[int], m: int) -> str:
-    """One line per neuron: its signed texts, PC1's explained variance when stored."""
-    data = table.to_pydict()
-    lines = []
-    for n in neurons:
-        idx = [i for i, v in enumerate(data["neuron"]) if v == n]
-        texts = "  ".join(f"{data['sign'][i]}{data['text'][i]!r}" for i in idx) or "(no text: its PC is 0)"
-        notes = []
-        if idx and data["pc_explained"][idx[0]] is not None:
-            notes.append(f"PC1 explains {data['pc_explained'][idx[0]]:.1%}")
-        if idx:
-            notes.append(f"residual {data['residual_norm'][idx[0]]:.3f} at m={m}")
-        lines.append(f"neuron {n}" + (f" ({', '.join(notes)})" if notes else "") + f": {texts}")
-    return "\n".join(lines)
-
-
-def format_accuracy(result: ReconstructionAccuracy) -> str:
-    lines = [f"zero-shot accuracy ({result.task}, {result.n_labelled} labelled images), every neuron's "
-             f"centred effect replaced by ⟨φ−φ̄, r⟩·r̂:",
-             f"  original embedding   {result.baseline:.2%}",
-             f"  PC1 (r̂ = r)          {result.pc_accuracy:.2%}"]
-    lines += [f"  m = {m:<4}             {acc:.2%}" for m, acc in zip(result.m, result.accuracy)]
-    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Zero-shot accuracy under mean-ablations of one layer's second-order effects (paper Fig. 3).
 
-Reads the results of `second_order_job.run_second_order` (means, top-k rows, PCs) and, per row
+Reads the statistics of `job.run` (means, top-k rows, PCs) from the store and, per row
 block, forms the image embeddings of `kernels.second_order_ablation.ABLATIONS` from q — one
 contraction per ablation, never φ — and counts correct zero-shot predictions. The top-k images and
 the means come from the same store the accuracy is measured on (the paper takes them from a
@@ -19,9 +19,9 @@ from clipscope.kernels.zero_shot import count_correct
 from clipscope.kernels.second_order_ablation import ABLATIONS, ablated_embeddings, ablation_terms, add_terms
 from clipscope.cluster.executor import Executor
 from clipscope.pipelines.jobs.means.job import reduce_rows, row_blocks
-from clipscope.pipelines.jobs.second_order.job import (
+from clipscope.pipelines.jobs.second_order.settings import SecondOrderSettings
+from clipscope.pipelines.jobs.second_order.statistics import (
     LayerArrays,
-    SecondOrderSettings,
     as_tensor,
     chunk_slices,
     directions_neuron_major,
@@ -29,18 +29,8 @@ from clipscope.pipelines.jobs.second_order.job import (
     read_centred,
     result_prefix,
 )
-from clipscope.pipelines.texts.zero_shot import ZeroShotTask, classifier, store_classes
 from clipscope.storage import schema
-from clipscope.storage.results import begin_reduction, settings_digest
 from clipscope.storage.store import RunStore
-
-ABLATION_LABELS = {
-    "baseline": "baseline",
-    "all_neurons": "w/o all neurons",
-    "small_norm": "w/o small norm",
-    "large_norm": "w/o large norm",
-    "pc1_reconstruction": "PC1 reconstruction",
-}
 
 
 def top_membership(top_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -97,9 +87,10 @@ def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a + b
 
 
-def ablation_block(store: RunStore, layer: int, weights: np.ndarray, classes: np.ndarray,
-                   settings: SecondOrderSettings = SecondOrderSettings()) -> AblationBlock:
-    """The map function of `evaluate_ablations`, from `run_second_order`'s results in the store."""
+def ablation_block(store: RunStore, settings: SecondOrderSettings, weights: np.ndarray,
+                   classes: np.ndarray) -> AblationBlock:
+    """The map function of `ablation_accuracy`, from the layer's statistics in the store."""
+    layer = settings.layer
     arrays = layer_arrays(store, layer)
     prefix = result_prefix(layer)
     if f"{prefix}/pc" not in store.array_names():
@@ -118,13 +109,12 @@ def ablation_block(store: RunStore, layer: int, weights: np.ndarray, classes: np
                          settings.neuron_chunk)
 
 
-def evaluate_ablations(store: RunStore, layer: int, weights: np.ndarray, classes: np.ndarray, *,
-                       settings: SecondOrderSettings = SecondOrderSettings(), executor: Executor | None = None
-                       ) -> dict[str, float]:
+def ablation_accuracy(store: RunStore, settings: SecondOrderSettings, weights: np.ndarray, classes: np.ndarray,
+                      executor: Executor | None = None) -> dict[str, float]:
     """Accuracy under every ablation (and the number of labelled rows, key `labelled`) for classifier
     `weights` [embed class] and `classes` [row] (−1: not scored); predictions are the arg-max of
-    embedding · weights, as in `zero_shot.accuracy`. Needs `run_second_order`'s results for `layer`."""
-    block = ablation_block(store, layer, weights, classes, settings)
+    embedding · weights, as in `zero_shot.accuracy`. Needs the statistics of `settings.layer` in the store."""
+    block = ablation_block(store, settings, weights, classes)
     counts = reduce_rows(executor, store, row_blocks(store, settings.chunks_per_block), block, _add,
                          desc="second-order evaluation")
     if counts[-1] == 0:
@@ -133,40 +123,3 @@ def evaluate_ablations(store: RunStore, layer: int, weights: np.ndarray, classes
     table: dict[str, float] = {name: float(c) / float(counts[-1]) for name, c in zip(ABLATIONS, counts[:-1])}
     table["labelled"] = int(counts[-1])
     return table
-
-
-def run_evaluation(store: RunStore, layer: int, task: ZeroShotTask, *,
-                   settings: SecondOrderSettings = SecondOrderSettings(), executor: Executor | None = None,
-                   allow_incomplete: bool = False, force: bool = False) -> dict[str, float]:
-    """`evaluate_ablations` with `task`'s zero-shot classifier; writes
-    reductions/second_order/layer_{l}/evaluation [ablation] (names in attrs), complete or absent. A rerun
-    for the same task, PCs and extraction reads it back (unless `force`)."""
-    name = f"{result_prefix(layer)}/evaluation"
-    record = {"layer": layer, "task": task.name, "prompts": settings_digest(task.prompts),
-              "chunks_per_block": settings.chunks_per_block}
-    if f"{result_prefix(layer)}/pc" in store.array_names():
-        record["pc"] = settings_digest(store.read_result(f"{result_prefix(layer)}/pc"))
-    with begin_reduction(store, "second-order evaluation", record, allow_incomplete=allow_incomplete,
-                         force=force) as run:
-        if run.is_current_array(name):
-            values = store.read_result(name)
-            table = {a: float(v) for a, v in zip(ABLATIONS, values)}
-            table["labelled"] = int(store.array(name).attrs["labelled"])
-            return table
-        classes = store_classes(store, task)
-        table = evaluate_ablations(store, layer, classifier(store, task), classes, settings=settings,
-                                   executor=executor)
-        if store.mode == "r+":
-            run.write_array(name, np.array([table[a] for a in ABLATIONS]), schema.SECOND_ORDER.dims("evaluation"),
-                            {"ablations": list(ABLATIONS), "task": task.name, "labelled": table["labelled"],
-                             "layer": layer})
-    return table
-
-
-def format_evaluation(table: dict[str, float], task_name: str) -> str:
-    lines = [f"zero-shot accuracy ({task_name}, {table['labelled']} labelled images)"]
-    baseline = table["baseline"]
-    for name in ABLATIONS:
-        delta = "" if name == "baseline" else f"  ({table[name] - baseline:+.1%})"
-        lines.append(f"  {ABLATION_LABELS[name]:<20} {table[name]:7.1%}{delta}")
-    return "\n".join(lines)

@@ -14,47 +14,30 @@ literally (`--span-rank 80` reproduces the reference code).
 from __future__ import annotations
 
 import logging
-import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from clipscope.cluster.executor import Executor, LocalExecutor
-from clipscope.errors import ParameterError
-from clipscope.params import Boolean, Interval, Options, Validated
 from clipscope.kernels.textspan import (
     DEFAULT_RANK_RTOL,
-    DEFAULT_SPAN_RANK,
     REFERENCE_SPAN_RANK,
     TextSpanStats,
     resolve_span_rank,
     textspan_from_stats,
 )
 from clipscope.pipelines.models.loading import LoadedModel
-from clipscope.pipelines.texts.embedding_cache import cached_text_embeddings, embeddings_key
+from clipscope.pipelines.texts.embedding_cache import cached_text_embeddings
 from clipscope.pipelines.jobs.means.job import head_statistics
+from clipscope.pipelines.jobs.textspan.result import ARRAYS, Result, layer_group, read_layer, resolve
+from clipscope.pipelines.jobs.textspan.settings import TextSpanSettings
 from clipscope.storage import schema
-from clipscope.storage.results import Reduction, begin_reduction
+from clipscope.storage.results import begin_reduction
 from clipscope.storage.store import RunStore
 
-RESULT_PREFIX = "reductions/textspan"
 log = logging.getLogger(__name__)
-
-
-def parse_span_rank(value: str | int) -> str | int:
-    """`--span-rank`: "auto" or an integer ≥ 1 (used literally)."""
-    if value == "auto":
-        return value
-    try:
-        rank = int(value)
-    except (TypeError, ValueError):
-        raise ParameterError("span_rank", f"must be 'auto' or an integer ≥ 1, got {value!r}") from None
-    if isinstance(value, bool) or rank < 1 or str(rank) != str(value).strip():
-        raise ParameterError("span_rank", f"must be 'auto' or an integer ≥ 1, got {value!r}")
-    return rank
 
 
 def rank_rtol_for(dtype: np.dtype) -> float:
@@ -64,91 +47,61 @@ def rank_rtol_for(dtype: np.dtype) -> float:
 
 
 @dataclass(frozen=True)
-class TextSpanSettings(Validated):
-    basis_size: int = 10
-    span_rank: int | str = DEFAULT_SPAN_RANK
-    normalize: bool = True
-    rank_rtol: float = DEFAULT_RANK_RTOL
-
-    parameter_constraints: ClassVar = {
-        "basis_size": [Interval(int, 1)],
-        "span_rank": [Options("auto"), Interval(int, 1)],
-        "normalize": [Boolean()],
-        "rank_rtol": [Interval(float, 0, 1, closed="neither")],
-    }
-
-
-@dataclass(frozen=True)
 class _HeadSearch:
     """Picklable per-head task: the greedy search on one head's statistics."""
 
     texts: np.ndarray
-    settings: TextSpanSettings
+    basis_size: int
+    span_rank: int | str
+    rank_rtol: float
 
     def __call__(self, stats: TextSpanStats) -> dict[str, np.ndarray]:
         # r: "auto" → min(80, numerical rank); an integer literally; both capped by K and D
-        rank = resolve_span_rank(stats, self.settings.span_rank, self.settings.rank_rtol)
+        rank = resolve_span_rank(stats, self.span_rank, self.rank_rtol)
         # m cannot exceed the span the texts are projected on nor the pool itself
-        usable = min(self.settings.basis_size, self.texts.shape[0], rank)
+        usable = min(self.basis_size, self.texts.shape[0], rank)
         result = textspan_from_stats(stats, torch.from_numpy(self.texts).double(), basis_size=usable, span_rank=rank)
         return {"indices": result.indices.numpy(), "variances": result.variances.numpy(),
                 "explained_ratio": result.explained_ratio.numpy(),
                 "total_variance": np.float64(result.total_variance), "span_rank": rank}
 
 
-def layer_group(layer: int) -> str:
-    return schema.TEXTSPAN.path(layer=layer)
-
-
-def run_textspan(store: RunStore, layers: Sequence[int], texts: Sequence[str], *,
-                 settings: TextSpanSettings = TextSpanSettings(), pool_name: str = "custom",
-                 executor: Executor | None = None, loaded: LoadedModel | None = None, allow_incomplete: bool = False,
-                 force: bool = False) -> pa.Table:
-    """TextSpan for every head of `layers`; writes the results into the store, returns the table.
+def run(store: RunStore, settings: TextSpanSettings, executor: Executor | None = None, *,
+        loaded: LoadedModel | None = None) -> Result:
+    """TextSpan for every head of the settings' layers; writes the results into the store, returns them.
 
     Each layer's group is written whole (storage.results); a layer whose group was written with the
     same settings and texts from the same extraction is read back, not recomputed (unless `force`).
+    `loaded` is the run's model, to encode texts not cached in the store (None: loaded when needed).
     """
+    layers, texts, pool, texts_key = resolve(store, settings)
+    rtol = settings.rank_rtol
     if settings.span_rank == "auto" and schema.DIRECT_HEADS.path() in store.array_names():
         # float16 head terms carry more rounding noise than the default tolerance assumes
-        rtol = max(settings.rank_rtol, rank_rtol_for(store.array(schema.DIRECT_HEADS.path()).dtype))
-        settings = dataclasses.replace(settings, rank_rtol=rtol)
-    texts_key = embeddings_key(texts, store.info.model.to_dict())
-    record = {**dataclasses.asdict(settings), "pool": pool_name, "n_texts": len(texts), "texts_key": texts_key}
-    with begin_reduction(store, "textspan", record, allow_incomplete=allow_incomplete, force=force) as run:
-        todo = [layer for layer in layers if not run.is_current(layer_group(layer))]
-        per_layer = {layer: _stored_layer(store, layer) for layer in layers if layer not in todo}
+        rtol = max(rtol, rank_rtol_for(store.array(schema.DIRECT_HEADS.path()).dtype))
+    record = {"basis_size": settings.basis_size, "span_rank": settings.span_rank, "normalize": settings.normalize,
+              "rank_rtol": rtol, "pool": pool, "n_texts": len(texts), "texts_key": texts_key}
+    with begin_reduction(store, "textspan", record, allow_incomplete=settings.allow_incomplete,
+                         force=settings.force) as reduction:
+        todo = tuple(layer for layer in layers if not reduction.is_current(layer_group(layer)))
+        per_layer = {layer: read_layer(store, layer, texts_key) for layer in layers if layer not in todo}
         if todo:
-            per_layer.update(_search_layers(run, todo, texts, settings, pool_name, texts_key, executor, loaded))
-    rows: dict[str, list] = {k: [] for k in ("layer", "head", "rank", "text", "variance", "explained_ratio")}
-    for layer in layers:
-        stacked = per_layer[layer]
-        for head in range(stacked["indices"].shape[0]):
-            for rank, (j, var, ratio) in enumerate(zip(stacked["indices"][head], stacked["variances"][head],
-                                                       stacked["explained_ratio"][head])):
-                rows["layer"].append(layer)
-                rows["head"].append(head)
-                rows["rank"].append(rank)
-                rows["text"].append(texts[int(j)])
-                rows["variance"].append(float(var))
-                rows["explained_ratio"].append(float(ratio))
-    return pa.table(rows)
+            embeddings = cached_text_embeddings(store, texts, pool_name=pool, loaded=loaded)
+            searched = _search_layers(store, todo, embeddings, settings, rtol, executor)
+            fresh = Result.of_layers(settings, todo, texts, pool, texts_key, searched)
+            if store.mode == "r+":
+                fresh.write(reduction)
+            per_layer.update(searched)
+    return Result.of_layers(settings, layers, texts, pool, texts_key, per_layer)
 
 
-def _stored_layer(store: RunStore, layer: int) -> dict[str, np.ndarray]:
-    return {key: store.read_result(f"{layer_group(layer)}/{key}") for key in ("indices", "variances", "explained_ratio")}
-
-
-def _search_layers(run: Reduction, layers: Sequence[int], texts: Sequence[str], settings: TextSpanSettings,
-                   pool_name: str, texts_key: str, executor: Executor | None, loaded: LoadedModel | None
-                   ) -> dict[int, dict[str, np.ndarray]]:
-    """The greedy search for every head of `layers`; each layer's group written whole when writable."""
-    store = run.store
-    embeddings = cached_text_embeddings(store, texts, pool_name=pool_name, loaded=loaded)
+def _search_layers(store: RunStore, layers: Sequence[int], embeddings: np.ndarray, settings: TextSpanSettings,
+                   rank_rtol: float, executor: Executor | None) -> dict[int, dict[str, np.ndarray]]:
+    """The greedy search for every head of `layers`: per layer, the stacked picks of its heads."""
     executor = executor if executor is not None else LocalExecutor()
     stats = head_statistics(store, layers, normalize=settings.normalize, executor=executor)
     flat = [s for per_layer in stats for s in per_layer]
-    search = _HeadSearch(embeddings, settings)
+    search = _HeadSearch(embeddings, settings.basis_size, settings.span_rank, rank_rtol)
     results = executor.fan_out(search, flat, desc="textspan search", unit="heads")
     n_heads = len(stats[0])
     if settings.span_rank == "auto":
@@ -156,13 +109,8 @@ def _search_layers(run: Reduction, layers: Sequence[int], texts: Sequence[str], 
     out = {}
     for i, layer in enumerate(layers):
         per_head = results[i * n_heads:(i + 1) * n_heads]
-        stacked = {k: np.stack([r[k] for r in per_head]) for k in ("indices", "variances", "explained_ratio")}
-        attrs = {"pool": pool_name, "n_texts": len(texts), "basis_size": settings.basis_size,
-                 "span_rank": settings.span_rank, "span_ranks_used": [int(r["span_rank"]) for r in per_head],
-                 "normalize": settings.normalize, "texts_key": texts_key}
-        if store.mode == "r+":
-            run.write_group(layer_group(layer), {k: (v, schema.TEXTSPAN.dims(k), attrs) for k, v in stacked.items()}, attrs)
-        out[layer] = stacked
+        out[layer] = {k: np.stack([r[k] for r in per_head]) for k in ARRAYS}
+        out[layer]["span_ranks_used"] = np.array([int(r["span_rank"]) for r in per_head], np.int64)
     return out
 
 
@@ -177,17 +125,3 @@ def _notice_capped_ranks(layers: Sequence[int], ranks: Sequence[int]) -> None:
         "of %d heads of layers %s (directions past it are float noise); pass --span-rank %d to reproduce the "
         "reference code literally", spread, REFERENCE_SPAN_RANK, len(capped), len(ranks),
         ", ".join(str(l) for l in layers), REFERENCE_SPAN_RANK)
-
-
-def format_textspan(table: pa.Table, per_head: int = 5) -> str:
-    """Per head: its first picks and the share of the head's variance they explain."""
-    lines = []
-    data = table.to_pydict()
-    keys = sorted(set(zip(data["layer"], data["head"])))
-    for layer, head in keys:
-        idx = [i for i, (l, h) in enumerate(zip(data["layer"], data["head"])) if (l, h) == (layer, head)]
-        idx.sort(key=lambda i: data["rank"][i])
-        explained = sum(data["explained_ratio"][i] for i in idx)
-        shown = "; ".join(data["text"][i] for i in idx[:per_head])
-        lines.append(f"L{layer}H{head} ({explained:.0%} of variance in {len(idx)} texts): {shown}")
-    return "\n".join(lines)

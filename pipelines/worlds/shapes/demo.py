@@ -21,8 +21,8 @@ import pyarrow.csv as pacsv
 
 from clipscope.pipelines.jobs.extract.job import run_extract
 from clipscope.pipelines.jobs.extract.settings import ExtractConfig
-from clipscope.pipelines.jobs.means.job import dataset_means
-from clipscope.pipelines.jobs.textspan.job import TextSpanSettings, format_textspan, run_textspan
+from clipscope.pipelines.jobs import means, textspan
+from clipscope.pipelines.jobs.textspan.report import format_textspan
 from clipscope.storage.store import RunStore
 
 logger = logging.getLogger(__name__)
@@ -167,10 +167,11 @@ def _top_neurons(store: RunStore, layer: int, n: int) -> list[int]:
 
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     from clipscope.cluster.executor import open_executor
-    from clipscope.pipelines.jobs.evaluate import job as evaluate
-    from clipscope.pipelines.jobs.neurons import job as omp_job
-    from clipscope.pipelines.jobs.second_order import ablation as second_order_eval
-    from clipscope.pipelines.jobs.second_order import job as second_order_job
+    from clipscope.pipelines.jobs import evaluate
+    from clipscope.pipelines.jobs import neurons as neuron_job
+    from clipscope.pipelines.jobs.neurons import report as neuron_report
+    from clipscope.pipelines.jobs.neurons.job import optional_second_order
+    from clipscope.pipelines.jobs import second_order
     from clipscope.pipelines.worlds.shapes.train import SHAPES_MODEL
     from clipscope.pipelines.worlds.shapes.world import write_world
     from clipscope.pipelines.texts.pools import get_pool
@@ -195,30 +196,31 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     with open_executor(config.workers, config.address) as executor:
         summary = run_extract(extract, executor=executor)
         store = RunStore.open(extract.out, "r+")
-        dataset_means(store, executor=executor)
+        means.run(store, means.Settings(), executor)
         texts, labels = vocabulary()
-        table = run_textspan(store, layers, texts, settings=TextSpanSettings(basis_size=config.basis_size, span_rank=32),
-                             pool_name="shapes-vocabulary", executor=executor, loaded=loaded)
-        ablations = evaluate.evaluate_ablations(store, task, keep_last=(config.textspan_layers,), executor=executor,
-                                                loaded=loaded)
-        settings = second_order_job.SecondOrderSettings(top_k=config.neuron_top_k)
-        neurons = second_order_job.run_second_order(store, neuron_layer, settings=settings, executor=executor)
-        neuron_ablations = second_order_eval.run_evaluation(store, neuron_layer, task, settings=settings,
-                                                             executor=executor)
-        omp_job.run_omp(store, neuron_layer, pool, m=(1, 2, 4, 8), executor=executor, loaded=loaded)
-        omp_accuracy = omp_job.reconstruction_accuracy(store, neuron_layer, task=task.name, executor=executor,
-                                                       loaded=loaded)
+        spans = textspan.run(store, textspan.Settings(layers=tuple(layers), texts=tuple(texts),
+                                                      pool="shapes-vocabulary", basis_size=config.basis_size,
+                                                      span_rank=32), executor, loaded=loaded)
+        table = spans.table()
+        ablations = evaluate.run(store, evaluate.Settings(task.name, keep_last=(config.textspan_layers,)), executor,
+                                 loaded=loaded)
+        neurons = second_order.run(store, second_order.Settings(neuron_layer, top_k=config.neuron_top_k,
+                                                                task=task.name), executor)
+        neuron_settings = neuron_job.Settings(layer=neuron_layer, texts=tuple(pool.texts), pool_name=pool.name,
+                                              m=(1, 2, 4, 8), task=task.name)
+        neuron_omp = neuron_job.run(store, neuron_settings, executor, loaded=loaded)
     shown = _top_neurons(store, neuron_layer, config.neurons_shown)
-    neuron_table = omp_job.neuron_table(store, neuron_layer, pool, m=config.neuron_texts, top=config.neuron_texts,
-                                        neurons=shown)
+    neuron_table = neuron_report.neuron_table(
+        neuron_omp, pool, m=config.neuron_texts, top=config.neuron_texts, neurons=shown,
+        pc_explained=optional_second_order(store, neuron_layer, "pc_explained"))
     pacsv.write_csv(table, out / "textspan.csv")
-    pacsv.write_csv(ablations, out / "ablations.csv")
+    pacsv.write_csv(ablations.table(), out / "ablations.csv")
     pacsv.write_csv(neuron_table, out / "neurons.csv")
     roles = head_roles(table, dict(zip(texts, labels)), layers, loaded.spec.n_heads)
     plot_roles(roles, layers, out / "head_roles.png")
-    evaluate.plot_evaluation(ablations, out / "ablations.png", chance=1 / len(task.classnames),
-                             title=f"shapes world ({task.name}, {len(task.classnames)} classes): zero-shot "
-                                   f"accuracy under mean-ablation")
+    evaluate.report.plot_evaluation(ablations, out / "ablations.png", chance=1 / len(task.classnames),
+                                    title=f"shapes world ({task.name}, {len(task.classnames)} classes): zero-shot "
+                                          f"accuracy under mean-ablation")
     plot_token_maps(store, loaded, out / "token_maps.png")
     chance = chance_line(store, task)
     report = [f"clipscope demo — store {store.url}: {summary.images} images "
@@ -230,15 +232,15 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         best = np.dstack(np.unravel_index(np.argsort(-roles[p], axis=None)[:3], roles[p].shape))[0]
         shown_heads = ", ".join(f"L{layers[i]}H{h} {roles[p, i, h]:.0%}" for i, h in best)
         report.append(f"  {prop:9s} {shown_heads}")
-    report += ["", "TextSpan, last layers (first picks per head):", format_textspan(table, per_head=4), "",
+    report += ["", "TextSpan, last layers (first picks per head):", format_textspan(spans, per_head=4), "",
                f"Zero-shot accuracy ({task.name}, {len(task.classnames)} classes) under mean-ablation:",
-               evaluate.format_evaluation(ablations), chance, MULTI_OBJECT_NOTE, "",
+               evaluate.report.format_evaluation(ablations), chance, MULTI_OBJECT_NOTE, "",
                f"Neurons of layer {neuron_layer}: second-order effects (top {config.neuron_top_k} images per neuron)",
-               second_order_job.format_summary(neurons),
-               second_order_eval.format_evaluation(neuron_ablations, task.name), chance, "",
+               second_order.report.format_summary(neurons),
+               second_order.report.format_evaluation(neurons), chance, "",
                f"Neurons with the largest second-order effects, as {config.neuron_texts} texts each (OMP of their PC):",
-               omp_job.format_neurons(neuron_table, shown, config.neuron_texts),
-               omp_job.format_accuracy(omp_accuracy), chance, "",
+               neuron_report.format_neurons(neuron_table, shown, config.neuron_texts),
+               neuron_report.format_accuracy(neuron_omp.accuracy), chance, "",
                "files: " + ", ".join(str(out / f) for f in ("report.txt", "textspan.csv", "head_roles.png",
                                                               "ablations.csv", "ablations.png", "neurons.csv",
                                                               "token_maps.png")),
@@ -249,4 +251,4 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     (out / "report.txt").write_text(text + "\n")
     print(text)
     return {"summary": summary, "roles": roles, "table": table, "ablations": ablations,
-            "neuron_ablations": neuron_ablations, "neurons": neuron_table}
+            "neuron_ablations": neurons, "neurons": neuron_table}

@@ -1,7 +1,7 @@
 """What the shapes-world CLIP has learnt, measured on held-out scenes with known truth.
 
 - zero-shot accuracy (colour, shape, colour+shape, count) and caption retrieval: `shapes_train`;
-- zero-shot segmentation: per-token direct effects (DESIGN §3, thesis §2.5) along the text of
+- zero-shot segmentation: per-token direct effects (docs/methods.md, thesis §2.5) along the text of
   the image's own class, "a {colour} {shape}", binarised and compared with the main object's mask;
   the baselines are the raw class-token attention of the last layer (mean over heads) and a
   uniform-noise map, scored the same way;
@@ -89,7 +89,7 @@ def class_text_directions(loaded: LoadedModel, labels: Sequence[int]) -> Float[T
 def segmentation(loaded: LoadedModel, scenes: Sequence[world.Scene], *,
                  terms: tuple[Tensor, Decomposition] | None = None) -> dict:
     """Zero-shot segmentation of each scene's main object: ours (the per-token direct effects
-    c_token^t = Σ_{l,h} c_{t,l,h} of DESIGN §3, every layer, along the scene's class text) vs the
+    c_token^t = Σ_{l,h} c_{t,l,h} of docs/methods.md, every layer, along the scene's class text) vs the
     last layer's raw class-token attention (mean over heads), and a uniform-noise map (chance level of
     the protocol); `terms` must hold every layer's tokens."""
     spec = loaded.spec

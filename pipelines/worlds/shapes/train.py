@@ -178,10 +178,10 @@ def keep_last_embedding(visual: torch.nn.Module, tap: ClassTokenTap, embedding: 
     """The image embedding with the direct effects of every MLP and of the heads of all layers but
     `keep` mean-ablated over the batch — `clipscope evaluate`'s ``keep_last_k`` and
     `shapes_eval.mean_ablation`'s "keep_last_heads" (the thesis's ablation: the class embedding's
-    and the biases' terms stay), in the `split` convention of DESIGN §3, differentiable.
+    and the biases' terms stay), in the `split` convention of docs/methods.md, differentiable.
 
     ln_post (μ, σ of the sample's own final residual) folds into P̃ = diag(γ)P. `shares="split"`
-    (DESIGN §3, the reference code's): a layer's heads sum to its whole attention write (the
+    (docs/methods.md, the reference code's): a layer's heads sum to its whole attention write (the
     out-projection bias lives inside the heads) and carry 1/K₁ of the offset Pᵀβ − (μ/σ)Pᵀγ, as does
     each MLP (K₁ = 2L + 1). `shares="split-v1"`: the shares before issue 20 (heads without the
     out-projection bias, each of K = 1 + 2L + LH components carrying 1/K), the objective the shipped

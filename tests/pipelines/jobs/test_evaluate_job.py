@@ -3,7 +3,7 @@
 The reference never touches clipscope's kernels: forward hooks on the real open_clip
 VisionTransformer capture each block's ln_1 output, its ls_2·MLP output and the input of ln_post;
 per-head attention comes from nn.MultiheadAttention's own per-head weights; every component is
-folded through ln_post with the image's own μ, σ (split convention of DESIGN §3: with K₁ = 2L + 1,
+folded through ln_post with the image's own μ, σ (split convention of docs/methods.md: with K₁ = 2L + 1,
 the embedding and each MLP carry 1/K₁ of −μ and β; each (token, head) term carries the layer's
 out-projection bias / (H·T) and 1/(K₁·H·T)); means are taken over the live
 components; ablations happen at the output.
@@ -23,11 +23,11 @@ from PIL import Image
 
 from clipscope.errors import ConfigError, StoreError
 from clipscope.kernels.zero_shot import zero_shot_logits
+from clipscope.pipelines.jobs import evaluate
 from clipscope.pipelines.jobs.evaluate import job as evaluate_module
 from clipscope.pipelines.jobs.evaluate.job import (
     ablation_means,
     build_ablations,
-    evaluate_ablations,
     iter_ablated_embeddings,
     needed_arrays,
     parse_heads,
@@ -213,7 +213,8 @@ def test_ablated_logits_and_accuracies_equal_the_live_model(world_store, live, m
     store = RunStore.open(world_store, "r+")
     task = get_task("shapes")
     loaded = model_cache(MODEL)
-    table = evaluate_ablations(store, task, heads=[HEAD_SET], keep_last=KEEP_LAST, loaded=loaded)
+    table = evaluate.run(store, evaluate.Settings(task.name, heads=(HEAD_SET,), keep_last=KEEP_LAST),
+                         loaded=loaded).table()
     ablations = build_ablations(store.attrs["layers"]["heads"], 4, heads=[HEAD_SET], keep_last=KEEP_LAST)
     names = table.column("ablation").to_pylist()
     assert names == [a.name for a in ablations] == list(EXPECTED)
@@ -250,9 +251,10 @@ def test_ray_counts_what_the_local_run_counts(world_store, model_cache):
 
     store = RunStore.open(world_store, "r+")
     loaded = model_cache(MODEL)
-    local = evaluate_ablations(store, "shapes-colour", heads=[HEAD_SET], loaded=loaded)
+    settings = evaluate.Settings("shapes-colour", heads=(HEAD_SET,), force=True)
+    local = evaluate.run(store, settings, loaded=loaded).table()
     with open_executor(2, object_store_memory=100 * 1024 * 1024, progress="off") as on_ray:
-        remote = evaluate_ablations(store, "shapes-colour", heads=[HEAD_SET], loaded=loaded, executor=on_ray)
+        remote = evaluate.run(store, settings, on_ray, loaded=loaded).table()
     assert remote.equals(local)
     assert len(row_blocks(store)) > 1
 
@@ -291,9 +293,9 @@ def test_a_store_without_the_class_token_term_asks_for_re_extraction(world_store
     shutil.rmtree(old / "reductions", ignore_errors=True)
     store = RunStore.open(str(old), "r+")
     with pytest.raises(StoreError, match="has no direct/cls_token .*re-extract the store"):
-        evaluate_ablations(store, "shapes", loaded=model_cache(MODEL))
+        evaluate.run(store, evaluate.Settings("shapes"), loaded=model_cache(MODEL))
     assert not [n for n in store.array_names() if n.startswith("reductions/")]
-    table = evaluate_ablations(store, "shapes", include_cls=False, loaded=model_cache(MODEL))
+    table = evaluate.run(store, evaluate.Settings("shapes", include_cls=False), loaded=model_cache(MODEL)).table()
     assert "cls_token" not in table.column("ablation").to_pylist()
 
 

@@ -1,4 +1,4 @@
-"""`clipscope extract` end to end on the tiny model: the store contract of DESIGN §4, the exact
+"""`clipscope extract` end to end on the tiny model: the store contract (README, "The store"), the exact
 decomposition read back from the store alone, agreement with a direct `decompose` call, and
 robustness to bad data (corrupt images, truncated and empty shards, fsspec URLs)."""
 

@@ -1,5 +1,5 @@
 """Issue 20 through a store: what `clipscope extract --ln-convention split` writes equals the literal,
-loop-by-loop reference procedure of DESIGN §3 (tests/kernels/split_reference.py), first and second
+loop-by-loop reference procedure of docs/methods.md (tests/kernels/split_reference.py), first and second
 order, on a tiny model whose every bias, LayerNorm gain/bias and LayerScale is random and non-zero;
 and a store written under the previous schema (the old `split`) is refused with a one-line message
 saying how to re-extract."""

@@ -71,9 +71,9 @@ DRIVER = textwrap.dedent("""
                     time.sleep(0.05)
     zarr.Array.__setitem__ = patched
     if argv[0] == "means":
-        from clipscope.pipelines.jobs.means.job import run_means
+        from clipscope.pipelines.jobs import means
         from clipscope.storage.store import RunStore
-        run_means(RunStore.open(argv[1], "r+"))
+        means.run(RunStore.open(argv[1], "r+"), means.Settings())
         sys.exit(0)
     from clipscope.pipelines.cli import main
     sys.exit(main(argv))
@@ -110,9 +110,9 @@ def reduce(job: str, path: str) -> int:
     for pre in before:
         assert run_cli(pre[0], path, *pre[1:]) == 0
     if command is None:
-        from clipscope.pipelines.jobs.means.job import run_means
+        from clipscope.pipelines.jobs import means
 
-        run_means(RunStore.open(path, "r+"))
+        means.run(RunStore.open(path, "r+"), means.Settings())
         return 0
     return run_cli(command[0], path, *command[1:])
 
@@ -263,13 +263,14 @@ def test_other_settings_recompute(fresh, caplog):
 
 
 def test_means_noop_and_stale_after_new_extraction(fresh, caplog):
-    from clipscope.pipelines.jobs.means.job import run_means, stale_means
+    from clipscope.pipelines.jobs import means
+    from clipscope.pipelines.jobs.means.job import stale_means
 
     path = fresh("means.zarr")
     store = RunStore.open(path, "r+")
-    run_means(store)
+    means.run(store, means.Settings())
     with caplog.at_level(logging.INFO, logger="clipscope"):
-        run_means(RunStore.open(path, "r+"))
+        means.run(RunStore.open(path, "r+"), means.Settings())
     assert "reductions/means is up to date" in caplog.text
     # another extraction of the same rows (a done record with another checksum) makes every mean stale
     record_path = Path(path) / "manifest" / "extract" / "done-000000.json"
@@ -307,9 +308,10 @@ def test_rows_of_shards_without_done_record_are_not_valid(fresh):
     assert not store.read_valid(slice(start, start + capacity)).any()
     assert not store.read_valid(np.arange(start, start + capacity)).any()
     # and a reduction allowed to run on it averages the done shards only
-    from clipscope.pipelines.jobs.means.job import run_means
+    from clipscope.pipelines.jobs import means as means_job
 
-    means = run_means(RunStore.open(path, "r+"), ["image_embedding"], allow_incomplete=True)
+    means = means_job.run(RunStore.open(path, "r+"), means_job.Settings(names=("image_embedding",),
+                                                                        allow_incomplete=True)).means
     rows = valid.nonzero()[0]
     expected = store.read("image_embedding", rows).astype(np.float64).mean(0)
     np.testing.assert_allclose(means["image_embedding"], expected, rtol=1e-12)
@@ -413,10 +415,11 @@ def test_a_store_without_the_inputs_is_refused_naming_the_command(job, fresh, tm
 
 def test_the_curve_without_textspan_names_the_command(fresh):
     from clipscope.errors import ConfigError
-    from clipscope.pipelines.jobs.textspan.curve import reconstruction_curve
+    from clipscope.pipelines.jobs.textspan import curve
 
     with pytest.raises(ConfigError, match="run `clipscope textspan` first"):
-        reconstruction_curve(RunStore.open(fresh("nocurve.zarr"), "r+"), [3], task="shapes", basis_sizes=[2])
+        curve.run(RunStore.open(fresh("nocurve.zarr"), "r+"), curve.Settings(layers=(3,), task="shapes",
+                                                                            basis_sizes=(2,)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from clipscope.cluster.executor import RayExecutor
 from clipscope.kernels.textspan import textspan
 from clipscope.pipelines.jobs.extract.job import run_extract
 from clipscope.pipelines.jobs.extract.settings import ExtractConfig
-from clipscope.pipelines.jobs.means.job import dataset_means, head_statistics, mean_array_names
-from clipscope.pipelines.jobs.textspan.job import TextSpanSettings, run_textspan
+from clipscope.pipelines.jobs import means as means_job, textspan as textspan_job
+from clipscope.pipelines.jobs.means.job import compute_means, head_statistics
+from clipscope.pipelines.jobs.means.result import mean_array_names
 from clipscope.pipelines.texts.embedding_cache import cached_text_embeddings
 from clipscope.pipelines.data.webdataset_input import write_shard
 from clipscope.storage.store import RunStore
@@ -45,7 +46,7 @@ def ray3():
 
 
 def test_means_equal_numpy_over_valid_rows(store):
-    means = dataset_means(store, write=True)
+    means = means_job.run(store, means_job.Settings(force=True)).means
     valid = store.read_valid()
     assert valid.sum() == 28  # 29 samples, one corrupt
     assert set(means) == set(mean_array_names(store))
@@ -59,9 +60,9 @@ def test_means_equal_numpy_over_valid_rows(store):
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_ray_reductions_do_not_depend_on_worker_count(store, ray3, workers):
     cpus = 3 / workers  # at most `workers` tasks run at once on the 3-CPU Ray
-    local = dataset_means(store, write=False)
+    local = compute_means(store).means
     on_ray = RayExecutor(cpus_per_task=cpus, progress="off")
-    remote = dataset_means(store, write=False, executor=on_ray)
+    remote = compute_means(store, executor=on_ray).means
     for name in local:
         np.testing.assert_array_equal(remote[name], local[name])
     local_stats = head_statistics(store, [2, 3])
@@ -84,7 +85,8 @@ def test_head_statistics_match_numpy_covariance(store):
 
 
 def test_textspan_job_equals_in_memory_textspan(store):
-    table = run_textspan(store, [2, 3], TEXTS, settings=TextSpanSettings(basis_size=5, span_rank=16))
+    settings = textspan_job.Settings(layers=(2, 3), texts=tuple(TEXTS), basis_size=5, span_rank=16)
+    table = textspan_job.run(store, settings).table()
     texts = torch.from_numpy(cached_text_embeddings(store, TEXTS)).double()
     valid = store.read_valid()
     heads = store.read("direct/heads")[valid].astype(np.float64)
@@ -108,8 +110,8 @@ def test_text_embeddings_are_cached_in_the_store(store):
 
 
 def test_textspan_rerun_with_another_basis_size_replaces_results(store):
-    run_textspan(store, [3], TEXTS, settings=TextSpanSettings(basis_size=4, span_rank=16))
-    run_textspan(store, [3], TEXTS, settings=TextSpanSettings(basis_size=2, span_rank=16))
+    textspan_job.run(store, textspan_job.Settings(layers=(3,), texts=tuple(TEXTS), basis_size=4, span_rank=16))
+    textspan_job.run(store, textspan_job.Settings(layers=(3,), texts=tuple(TEXTS), basis_size=2, span_rank=16))
     assert store.read_result("reductions/textspan/layer_3/indices").shape[1] == 2
     assert store.read_result("reductions/textspan/layer_3/variances").shape[1] == 2
     assert "direct/heads" in store.array_names()

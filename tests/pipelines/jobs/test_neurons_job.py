@@ -14,9 +14,12 @@ import torch
 from sklearn.linear_model import orthogonal_mp_gram
 
 from clipscope.cluster.executor import RayExecutor
+from clipscope.errors import ConfigError, StoreError
 from clipscope.kernels.decompose import second_order_effects
 from clipscope.kernels.omp import reference_dictionary
+from clipscope.pipelines.jobs import neurons
 from clipscope.pipelines.jobs.neurons import job as omp_job
+from clipscope.pipelines.jobs.neurons import report
 from clipscope.pipelines.worlds.shapes.world import write_world
 from clipscope.pipelines.texts.pools import TextPool, get_pool, pool_hash
 from clipscope.pipelines.texts.embedding_cache import cached_text_embeddings, embeddings_key
@@ -99,6 +102,10 @@ def store(split_world, tmp_path) -> RunStore:
     return RunStore.open(str(tmp_path / "copy.zarr"), "r+")
 
 
+def settings(pool, **kwargs) -> neurons.Settings:
+    return neurons.Settings(layer=LAYER, texts=tuple(pool.texts), pool_name=pool.name, **kwargs)
+
+
 def sklearn_dense(gram: np.ndarray, xy: np.ndarray, m: int) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # early stops (rank 32 < m, exact fits, zero PC)
@@ -129,7 +136,7 @@ def dense(support: np.ndarray, coefs: np.ndarray, n_atoms: int) -> np.ndarray:
 @pytest.mark.parametrize("preprocessing", [False, True], ids=["unit-texts", "reference-dictionary"])
 def test_supports_and_coefficients_equal_sklearn(store, preprocessing):
     pool = get_pool("shapes-all")
-    result = omp_job.run_omp(store, LAYER, pool, reference_preprocessing=preprocessing)
+    result = neurons.run(store, settings(pool, reference_preprocessing=preprocessing, accuracy=False))
     assert result.m == (4, 8, 16, 32, 50)  # 64 and 128 capped by the 50 texts
     embeddings = cached_text_embeddings(store, pool.texts).astype(np.float64)
     x = reference_dictionary(torch.from_numpy(embeddings)).numpy() if preprocessing else embeddings
@@ -176,7 +183,7 @@ def test_planted_sparse_combinations_are_recovered(store):
     weights = rng.uniform(0.5, 1.5, size=(256, 2)) * rng.choice([-1.0, 1.0], size=(256, 2))
     pcs = np.einsum("nk,nke->ne", weights, atoms[planted].astype(np.float64))
     store.write_result(f"reductions/second_order/layer_{LAYER}/pc", pcs, ("neuron", "embed"))
-    result = omp_job.run_omp(store, LAYER, TextPool("planted", texts, pool_hash(texts)), m=(1, 2, 8))
+    result = neurons.run(store, settings(TextPool("planted", texts, pool_hash(texts)), m=(1, 2, 8), accuracy=False))
     assert result.m == (1, 2, 8)
     found = result.support[:, :2]
     assert (np.sort(found, axis=1) == np.sort(planted, axis=1)).all()
@@ -190,12 +197,13 @@ def test_planted_sparse_combinations_are_recovered(store):
 
 def test_signed_top_texts_table(store):
     pool = get_pool("shapes-all")
-    result = omp_job.run_omp(store, LAYER, pool)
-    table = omp_job.neuron_table(store, LAYER, pool, m=16, top=4, neurons=[PC_IS_TEXT, PC_IS_ZERO, 7, 30])
+    result = neurons.run(store, settings(pool, accuracy=False))
+    explained = store.read_result(f"reductions/second_order/layer_{LAYER}/pc_explained")
+    table = report.neuron_table(result, pool, m=16, top=4, neurons=[PC_IS_TEXT, PC_IS_ZERO, 7, 30],
+                                pc_explained=explained)
     rows = table.to_pylist()
     assert [r["text"] for r in rows if r["neuron"] == PC_IS_TEXT] == [pool.texts[TEXT_OF_NEURON_0]]
     assert not [r for r in rows if r["neuron"] == PC_IS_ZERO]
-    explained = store.read_result(f"reductions/second_order/layer_{LAYER}/pc_explained")
     for n in (7, 30):
         mine = [r for r in rows if r["neuron"] == n]
         assert len(mine) == 4 and [r["rank"] for r in mine] == [0, 1, 2, 3]
@@ -206,13 +214,13 @@ def test_signed_top_texts_table(store):
         assert [r["sign"] for r in mine] == ["+" if c > 0 else "-" for c in coefs[best]]
         assert all(r["pc_explained"] == explained[n] for r in mine)
         assert all(r["residual_norm"] == result.residual_norm[n, 2] for r in mine)
-    text = omp_job.format_neurons(table, [7, PC_IS_ZERO], 16)
+    text = report.format_neurons(table, [7, PC_IS_ZERO], 16)
     assert text.splitlines()[0].startswith(f"neuron 7 (PC1 explains {explained[7]:.1%}")
     assert "(no text: its PC is 0)" in text.splitlines()[1]
-    with pytest.raises(omp_job.ConfigError, match="^m 5 was not solved"):
-        omp_job.neuron_table(store, LAYER, pool, m=5)
-    with pytest.raises(omp_job.StoreError, match="used pool 'shapes-all', not 'shapes-colours'"):
-        omp_job.neuron_table(store, LAYER, get_pool("shapes-colours"), m=4)
+    with pytest.raises(ConfigError, match="^m 5 was not solved"):
+        report.neuron_table(result, pool, m=5)
+    with pytest.raises(StoreError, match="used pool 'shapes-all', not 'shapes-colours'"):
+        report.neuron_table(result, get_pool("shapes-colours"), m=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,7 +232,7 @@ def test_reconstruction_accuracy_equals_materialised_phi(convention, split_world
     shutil.copytree({"split": split_world, "center": center_world}[convention], tmp_path / "s.zarr")
     store = RunStore.open(str(tmp_path / "s.zarr"), "r+")
     pool = get_pool("shapes-all")
-    omp_job.run_omp(store, LAYER, pool)
+    neurons.run(store, settings(pool, accuracy=False))
     task = get_task("shapes")
     weights, classes = classifier(store, task), store_classes(store, task)
     _, pcs, recon = omp_job.reconstructions(store, LAYER)
@@ -245,7 +253,12 @@ def test_reconstruction_accuracy_equals_materialised_phi(convention, split_world
     got = np.concatenate([e for _, e in parts], axis=1)
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
 
-    result = omp_job.reconstruction_accuracy(store, LAYER, task="shapes")
+    returned = neurons.run(store, settings(pool, task="shapes"))
+    result = returned.accuracy
+    read = neurons.Result.read(store, settings(pool, task="shapes"))
+    assert read.accuracy.accuracy.tolist() == result.accuracy.tolist() and read.accuracy.m == result.m
+    assert (read.accuracy.task, read.accuracy.pc_accuracy, read.accuracy.baseline, read.accuracy.n_labelled) == \
+        (result.task, result.pc_accuracy, result.baseline, result.n_labelled)
     labelled = classes[valid]
     reference = [accuracy(e, weights, labelled) for e in expected]
     assert result.baseline == reference[0] and result.pc_accuracy == reference[1]
@@ -254,7 +267,7 @@ def test_reconstruction_accuracy_equals_materialised_phi(convention, split_world
     stored = store.array(f"reductions/omp/layer_{LAYER}/accuracy")
     np.testing.assert_array_equal(stored[...], result.accuracy)
     assert stored.attrs["pc1_accuracy"] == result.pc_accuracy and stored.attrs["task"] == "shapes"
-    assert "original embedding" in omp_job.format_accuracy(result)
+    assert "original embedding" in report.format_accuracy(result)
 
     # The random model scores every variant alike; classes read off one variant's own predictions
     # make the per-variant counts differ, and the block counts must follow.
@@ -269,33 +282,33 @@ def test_reconstruction_accuracy_equals_materialised_phi(convention, split_world
 def test_stale_or_inconsistent_inputs_are_refused(store):
     pool = get_pool("shapes-all")
     prefix = f"reductions/second_order/layer_{LAYER}"
-    result = omp_job.run_omp(store, LAYER, pool)
+    result = neurons.run(store, settings(pool, accuracy=False))
     key = result.attrs["texts_key"]
     pcs = store.read_result(f"{prefix}/pc")
     store.write_result(f"{prefix}/pc", -pcs)
-    with pytest.raises(omp_job.StoreError, match="PCs of layer 1 changed since its OMP ran"):
-        omp_job.reconstruction_accuracy(store, LAYER, task="shapes")
+    with pytest.raises(StoreError, match="PCs of layer 1 changed since its OMP ran"):
+        omp_job.reconstructions(store, LAYER)
     store.write_result(f"{prefix}/pc", pcs)
     embeddings = store.read_result(f"text_embeddings/{key}/embeddings")
     store.delete_results(f"text_embeddings/{key}")
-    with pytest.raises(omp_job.StoreError, match="lost the text embeddings"):
-        omp_job.reconstruction_accuracy(store, LAYER, task="shapes")
+    with pytest.raises(StoreError, match="lost the text embeddings"):
+        neurons.run(store, settings(pool, task="shapes"))
     store.write_result(f"text_embeddings/{key}/embeddings", embeddings, ("text", "embed"))
-    with pytest.raises(omp_job.ConfigError, match="no valid sample of .* has a class under the zero-shot task"):
-        omp_job.reconstruction_accuracy(store, LAYER, task="omp-test-unlabelled")
+    with pytest.raises(ConfigError, match="no valid sample of .* has a class under the zero-shot task"):
+        neurons.run(store, settings(pool, task="omp-test-unlabelled"))
     # PCs of another neuron count than the layer's directions, or of another width than the texts
     store.delete_results(prefix)
     store.write_result(f"{prefix}/pc", pcs[:100], ("neuron", "embed"))
-    omp_job.run_omp(store, LAYER, pool)
-    with pytest.raises(omp_job.StoreError, match="does not fit the PCs"):
-        omp_job.reconstruction_accuracy(store, LAYER, task="shapes")
+    neurons.run(store, settings(pool, accuracy=False))
+    with pytest.raises(StoreError, match="does not fit the PCs"):
+        neurons.run(store, settings(pool, task="shapes"))
     store.delete_results(prefix)
     store.write_result(f"{prefix}/pc", pcs[:, :16], ("neuron", "pc_embed"))
-    with pytest.raises(omp_job.StoreError, match="text embeddings have 32 dims but the PCs of layer 1 have 16"):
-        omp_job.run_omp(store, LAYER, pool)
+    with pytest.raises(StoreError, match="text embeddings have 32 dims but the PCs of layer 1 have 16"):
+        neurons.run(store, settings(pool, accuracy=False))
     store.write_result(f"{prefix}/pc", np.full((4, 16), np.nan), ("neuron", "pc_embed"))
-    with pytest.raises(omp_job.StoreError, match="must be a finite"):
-        omp_job.run_omp(store, LAYER, pool)
+    with pytest.raises(StoreError, match="must be a finite"):
+        neurons.run(store, settings(pool, accuracy=False))
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -305,8 +318,8 @@ def test_stale_or_inconsistent_inputs_are_refused(store):
     ({"neurons_per_task": 0}, "neurons_per_task must be an integer ≥ 1, got 0"),
 ])
 def test_bad_settings(store, kwargs, message):
-    with pytest.raises(omp_job.ConfigError, match=message):
-        omp_job.run_omp(store, LAYER, get_pool("shapes-all"), **kwargs)
+    with pytest.raises(ConfigError, match=message):
+        neurons.run(store, settings(get_pool("shapes-all"), **kwargs))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -334,14 +347,15 @@ def ray2():
 @pytest.mark.slow  # an embedded Ray starts in ~15 s here
 def test_ray_equals_local(store, ray2, capsys):
     pool = get_pool("shapes-all")
-    local = omp_job.run_omp(store, LAYER, pool, reference_preprocessing=True)
-    local_acc = omp_job.reconstruction_accuracy(store, LAYER, task="shapes")
+    local = neurons.run(store, settings(pool, reference_preprocessing=True, accuracy=False))
+    local_acc = neurons.run(store, settings(pool, reference_preprocessing=True, task="shapes")).accuracy
     on_ray = RayExecutor(progress="off")
-    remote = omp_job.run_omp(store, LAYER, pool, reference_preprocessing=True, executor=on_ray, neurons_per_task=100)
+    remote = neurons.run(store, settings(pool, reference_preprocessing=True, neurons_per_task=100, accuracy=False),
+                         on_ray)
     np.testing.assert_array_equal(remote.support, local.support)
     np.testing.assert_allclose(remote.coefs, local.coefs, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(remote.residual_norm, local.residual_norm, rtol=1e-10, atol=1e-14)
-    remote_acc = omp_job.reconstruction_accuracy(store, LAYER, task="shapes", executor=on_ray)
+    remote_acc = neurons.run(store, settings(pool, reference_preprocessing=True, task="shapes"), on_ray).accuracy
     assert remote_acc.accuracy.tolist() == local_acc.accuracy.tolist()
     assert (remote_acc.pc_accuracy, remote_acc.baseline, remote_acc.n_labelled) == \
         (local_acc.pc_accuracy, local_acc.baseline, local_acc.n_labelled)

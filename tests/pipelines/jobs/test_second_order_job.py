@@ -1,5 +1,6 @@
 """The second-order store job against a brute force that materialises φ for every image and neuron."""
 
+import dataclasses
 import os
 import shutil
 
@@ -10,15 +11,12 @@ import torch
 from clipscope.errors import ConfigError, StoreError
 from clipscope.kernels.decompose import second_order_effects
 from clipscope.kernels.second_order_ablation import ABLATIONS
-from clipscope.pipelines.jobs.means.job import dataset_means, row_blocks
-from clipscope.pipelines.jobs.second_order.ablation import ablation_block, evaluate_ablations, run_evaluation, top_membership
-from clipscope.pipelines.jobs.second_order.job import (
-    RESULT_DIMS,
-    SIGNIFICANCE_PERCENT,
-    SecondOrderSettings,
-    norm_bin_edges,
-    run_second_order,
-)
+from clipscope.pipelines.jobs.means.job import compute_means, row_blocks
+from clipscope.pipelines.jobs import second_order
+from clipscope.pipelines.jobs.second_order.ablation import ablation_accuracy, ablation_block, top_membership
+from clipscope.pipelines.jobs.second_order.result import RESULT_DIMS
+from clipscope.pipelines.jobs.second_order.settings import SecondOrderSettings
+from clipscope.pipelines.jobs.second_order.statistics import SIGNIFICANCE_PERCENT, norm_bin_edges
 from clipscope.pipelines.texts.zero_shot import accuracy, classifier, get_task, store_classes
 from clipscope.storage.store import RunStore
 
@@ -118,8 +116,8 @@ def check_against_brute_force(result, ref, k):
 
 def test_split_store_statistics_match_brute_force(shapes_store):
     store = RunStore.open(shapes_store, "r+")
-    settings = SecondOrderSettings(top_k=K, neuron_chunk=100, chunks_per_block=1)  # 10 blocks, 3 chunks
-    result = run_second_order(store, LAYER, settings=settings)
+    settings = SecondOrderSettings(LAYER, top_k=K, neuron_chunk=100, chunks_per_block=1)  # 10 blocks, 3 chunks
+    result = second_order.run(store, settings)
     ref = brute_force(store, K)
     assert ref["centred"].shape[0] == 36 and result.attrs["convention"] == "split"
     check_against_brute_force(result, ref, K)
@@ -134,7 +132,7 @@ def test_split_store_statistics_match_brute_force(shapes_store):
 
 def test_center_store_without_shared_term_and_k_above_count(center_copy):
     # 17 valid images, k = 20: every image is in every neuron's top set; padding −1 / NaN.
-    result = run_second_order(center_copy, LAYER, settings=SecondOrderSettings(top_k=20, chunks_per_block=1))
+    result = second_order.run(center_copy, SecondOrderSettings(LAYER, top_k=20, chunks_per_block=1))
     ref = brute_force(center_copy, 20)
     assert result.attrs["convention"] == "center" and result.attrs["topk_fraction"] == 1.0
     check_against_brute_force(result, ref, 17)
@@ -144,15 +142,15 @@ def test_center_store_without_shared_term_and_k_above_count(center_copy):
 
 def test_means_are_reused_only_when_their_count_is_current(center_copy):
     name = f"second_order/layer_{LAYER}/weights"
-    true = dataset_means(center_copy, [name])[name]
+    true = compute_means(center_copy, [name]).means[name]
     planted = true + 1.0
     dims = center_copy.dims(name)[1:]
     center_copy.write_result(f"reductions/means/{name}", planted, dims, {"count": 17})
-    settings = SecondOrderSettings(top_k=3)
-    reused = run_second_order(center_copy, LAYER, settings=settings, write=False)
+    settings = SecondOrderSettings(LAYER, top_k=3)
+    reused = second_order.run(center_copy, settings)
     np.testing.assert_array_equal(reused.arrays["mean_weights"], planted)
     center_copy.write_result(f"reductions/means/{name}", planted, dims, {"count": 16})
-    fresh = run_second_order(center_copy, LAYER, settings=settings, write=False)
+    fresh = second_order.run(center_copy, dataclasses.replace(settings, force=True))
     np.testing.assert_array_equal(fresh.arrays["mean_weights"], true)
     np.testing.assert_array_equal(center_copy.read_result(f"reductions/means/{name}"), true)
 
@@ -161,15 +159,15 @@ def test_ray_result_equals_local_result(shapes_store):
     from clipscope.cluster.executor import open_executor
 
     store = RunStore.open(shapes_store, "r+")
-    settings = SecondOrderSettings(top_k=K, neuron_chunk=64, chunks_per_block=1)
-    local = run_second_order(store, LAYER, settings=settings)
+    settings = SecondOrderSettings(LAYER, top_k=K, neuron_chunk=64, chunks_per_block=1)
+    local = second_order.run(store, settings)
     g = np.random.default_rng(0)
     weights = g.normal(size=(store.read_result(f"{PREFIX}/pc").shape[1], 6))
     classes = np.where(store.read_valid(), np.arange(store.n_rows) % 6, -1)
-    local_table = evaluate_ablations(store, LAYER, weights, classes, settings=settings)
+    local_table = ablation_accuracy(store, settings, weights, classes)
     with open_executor(2, object_store_memory=150 * 1024 * 1024, progress="off") as on_ray:
-        remote = run_second_order(store, LAYER, settings=settings, executor=on_ray, write=False)
-        remote_table = evaluate_ablations(store, LAYER, weights, classes, settings=settings, executor=on_ray)
+        remote = second_order.run(store, dataclasses.replace(settings, force=True), on_ray)
+        remote_table = ablation_accuracy(store, settings, weights, classes, on_ray)
     assert remote.attrs == local.attrs and set(remote.arrays) == set(local.arrays)
     for name, value in local.arrays.items():
         if value.dtype.kind in "iu":
@@ -199,8 +197,8 @@ def brute_force_embeddings(store: RunStore, ref: dict) -> dict[str, np.ndarray]:
 
 def test_evaluation_equals_materialised_ablations(shapes_store):
     store = RunStore.open(shapes_store, "r+")
-    settings = SecondOrderSettings(top_k=K, neuron_chunk=100, chunks_per_block=1)
-    run_second_order(store, LAYER, settings=settings)
+    settings = SecondOrderSettings(LAYER, top_k=K, neuron_chunk=100, chunks_per_block=1)
+    second_order.run(store, settings)
     ref = brute_force(store, K)
     embeddings = brute_force_embeddings(store, ref)
     # The "all neurons" embedding is emb − Σ_n (φ_n − φ̄_n) with φ from second_order_effects.
@@ -210,7 +208,7 @@ def test_evaluation_equals_materialised_ablations(shapes_store):
     weights = g.normal(size=(embeddings["baseline"].shape[1], 9))
     rows = ref["rows"]
     # The embeddings the job forms per block, neuron chunk by neuron chunk, are the materialised ones.
-    block = ablation_block(store, LAYER, weights, np.where(store.read_valid(), 0, -1), settings)
+    block = ablation_block(store, settings, weights, np.where(store.read_valid(), 0, -1))
     seen = []
     for part in row_blocks(store, 1):
         index, got = block.embeddings(part)
@@ -223,14 +221,14 @@ def test_evaluation_equals_materialised_ablations(shapes_store):
     for target in ("all_neurons", "small_norm", "pc1_reconstruction"):
         classes = np.full(store.n_rows, -1)
         classes[rows] = (embeddings[target] @ weights).argmax(1)
-        table = evaluate_ablations(store, LAYER, weights, classes, settings=settings)
+        table = ablation_accuracy(store, settings, weights, classes)
         assert table["labelled"] == len(rows) and table[target] == 1.0
         for name in ABLATIONS:
             assert table[name] == pytest.approx(accuracy(embeddings[name], weights, classes[rows]), abs=1e-12), name
         assert min(table.values()) < 1.0
     # With the zero-shot task: the stored table equals zero_shot.accuracy on the materialised embeddings.
     task = get_task("shapes")
-    table = run_evaluation(store, LAYER, task, settings=settings)
+    table = second_order.run(store, dataclasses.replace(settings, task=task.name)).accuracy
     classes = store_classes(store, task)
     w = classifier(store, task)
     for name in ABLATIONS:
@@ -280,9 +278,9 @@ def test_cli_missing_store_exits_2(tmp_path, capsys):
 
 def test_evaluation_needs_results_and_labels(center_copy):
     with pytest.raises(StoreError, match="no second-order results for layer 1"):
-        evaluate_ablations(center_copy, LAYER, np.eye(32), np.zeros(center_copy.n_rows, np.int64))
-    run_second_order(center_copy, LAYER, settings=SecondOrderSettings(top_k=3))
+        ablation_accuracy(center_copy, SecondOrderSettings(LAYER), np.eye(32), np.zeros(center_copy.n_rows, np.int64))
+    second_order.run(center_copy, SecondOrderSettings(LAYER, top_k=3))
     with pytest.raises(ConfigError, match="no labelled samples"):
-        evaluate_ablations(center_copy, LAYER, np.eye(32), np.full(center_copy.n_rows, -1))
+        ablation_accuracy(center_copy, SecondOrderSettings(LAYER), np.eye(32), np.full(center_copy.n_rows, -1))
     with pytest.raises(ConfigError, match="classes must have shape"):
-        evaluate_ablations(center_copy, LAYER, np.eye(32), np.zeros(3, np.int64))
+        ablation_accuracy(center_copy, SecondOrderSettings(LAYER), np.eye(32), np.zeros(3, np.int64))

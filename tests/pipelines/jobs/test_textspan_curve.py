@@ -12,8 +12,9 @@ import zarr
 from PIL import Image
 
 from clipscope.errors import ConfigError
-from clipscope.pipelines.jobs.textspan.curve import reconstruction_curve
-from clipscope.pipelines.jobs.textspan.job import TextSpanSettings, run_textspan
+from clipscope.pipelines.jobs import textspan as textspan_job
+from clipscope.pipelines.jobs.textspan import TextSpanSettings
+from clipscope.pipelines.jobs.textspan import curve as curve_job
 from clipscope.pipelines.texts.embedding_cache import embeddings_key
 from clipscope.pipelines.texts.zero_shot import ZeroShotTask
 from clipscope.storage.layout import ArraySpec
@@ -136,8 +137,10 @@ def synthetic(tmp_path_factory):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_curve_equals_brute_force(synthetic, normalize):
     layers, sizes = [1, 2], [1, 2, 3, 5, 8]
-    run_textspan(synthetic, layers, POOL, settings=TextSpanSettings(basis_size=8, span_rank=8, normalize=normalize))
-    result = reconstruction_curve(synthetic, layers, task=TASK, basis_sizes=[8, 3, 1, 5, 2, 3])
+    textspan_job.run(synthetic, TextSpanSettings(layers=tuple(layers), texts=tuple(POOL), basis_size=8, span_rank=8,
+                                                  normalize=normalize))
+    settings = curve_job.Settings(layers=tuple(layers), task=TASK, basis_sizes=(8, 3, 1, 5, 2, 3))
+    result = curve_job.run(synthetic, settings)
     ref = brute_force(synthetic.url, layers, sizes, normalize)
     assert result.basis_sizes == tuple(sizes) and result.normalize == normalize
     assert result.n_labelled == ref["n"] > 100
@@ -158,10 +161,10 @@ def test_curve_equals_brute_force(synthetic, normalize):
 def test_ray_equals_local(synthetic):
     from clipscope.cluster.executor import open_executor
 
-    run_textspan(synthetic, [0, 2], POOL, settings=TextSpanSettings(basis_size=6, span_rank=8))
-    local = reconstruction_curve(synthetic, [0, 2], task=TASK, basis_sizes=[2, 4, 6])
+    textspan_job.run(synthetic, TextSpanSettings(layers=(0, 2), texts=tuple(POOL), basis_size=6, span_rank=8))
+    local = curve_job.run(synthetic, curve_job.Settings(layers=(0, 2), task=TASK, basis_sizes=(2, 4, 6)))
     with open_executor(2, object_store_memory=100 * 1024 * 1024, progress="off") as on_ray:
-        remote = reconstruction_curve(synthetic, [0, 2], task=TASK, basis_sizes=[2, 4, 6], executor=on_ray)
+        remote = curve_job.run(synthetic, curve_job.Settings(layers=(0, 2), task=TASK, basis_sizes=(2, 4, 6)), on_ray)
     np.testing.assert_array_equal(remote.accuracies, local.accuracies)
     assert (remote.baseline_accuracy, remote.heads_kept_accuracy, remote.n_labelled) == \
         (local.baseline_accuracy, local.heads_kept_accuracy, local.n_labelled)
@@ -169,13 +172,13 @@ def test_ray_equals_local(synthetic):
 
 def test_picks_spanning_the_heads_space_reproduce_the_heads(tmp_path):
     store = make_store(str(tmp_path / "sub.zarr"), seed=1, subspace=3)
-    run_textspan(store, [1, 2], POOL, settings=TextSpanSettings(basis_size=3, span_rank=3))
+    textspan_job.run(store, TextSpanSettings(layers=(1, 2), texts=tuple(POOL), basis_size=3, span_rank=3))
     texts = store.read_result(f"text_embeddings/{embeddings_key(POOL, MODEL)}/embeddings")
     for layer in (1, 2):
         picks = store.read_result(f"reductions/textspan/layer_{layer}/indices")
         assert (picks < N_TEXTS // 2).all()  # the construction: all three picks lie inside S
         assert np.linalg.matrix_rank(texts[picks[0]].astype(np.float64), tol=1e-4) == 3
-    result = reconstruction_curve(store, [1, 2], task=TASK, basis_sizes=[1, 2, 3])
+    result = curve_job.run(store, curve_job.Settings(layers=(1, 2), task=TASK, basis_sizes=(1, 2, 3)))
     ref = brute_force(store.url, [1, 2], [1, 2, 3], True)
     np.testing.assert_array_equal(result.accuracies, ref["curve"])
     assert result.accuracies[-1] == result.heads_kept_accuracy == ref["heads_kept"]
@@ -183,23 +186,25 @@ def test_picks_spanning_the_heads_space_reproduce_the_heads(tmp_path):
 
 
 def test_too_few_picks_names_basis_size(synthetic):
-    run_textspan(synthetic, [2], POOL, settings=TextSpanSettings(basis_size=4, span_rank=8))
+    textspan_job.run(synthetic, TextSpanSettings(layers=(2,), texts=tuple(POOL), basis_size=4, span_rank=8))
     with pytest.raises(ConfigError, match=r"holds 4 picks per head but the curve needs 6; rerun textspan with "
                                           r"--basis-size 6"):
-        reconstruction_curve(synthetic, [2], task=TASK, basis_sizes=[2, 6])
+        curve_job.run(synthetic, curve_job.Settings(layers=(2,), task=TASK, basis_sizes=(2, 6)))
     with pytest.raises(ConfigError, match="no TextSpan results for layer 9"):
-        reconstruction_curve(synthetic, [2, 9], task=TASK, basis_sizes=[2])
+        curve_job.run(synthetic, curve_job.Settings(layers=(2, 9), task=TASK, basis_sizes=(2,)))
     with pytest.raises(ConfigError, match="another text pool"):
-        reconstruction_curve(synthetic, [2], texts=POOL[:-1], task=TASK, basis_sizes=[2])
+        curve_job.run(synthetic, curve_job.Settings(layers=(2,), texts=tuple(POOL[:-1]), task=TASK, basis_sizes=(2,)))
     with pytest.raises(ConfigError, match="^basis_sizes must be integers ≥ 1"):
-        reconstruction_curve(synthetic, [2], task=TASK, basis_sizes=[0, 2])
+        curve_job.run(synthetic, curve_job.Settings(layers=(2,), task=TASK, basis_sizes=(0, 2)))
 
 
 def test_layers_searched_separately_with_other_settings_are_refused(synthetic):
-    run_textspan(synthetic, [0], POOL, settings=TextSpanSettings(basis_size=2, span_rank=8, normalize=False))
-    run_textspan(synthetic, [1], POOL, settings=TextSpanSettings(basis_size=2, span_rank=8, normalize=True))
+    textspan_job.run(synthetic, TextSpanSettings(layers=(0,), texts=tuple(POOL), basis_size=2, span_rank=8,
+                                                 normalize=False))
+    textspan_job.run(synthetic, TextSpanSettings(layers=(1,), texts=tuple(POOL), basis_size=2, span_rank=8,
+                                                 normalize=True))
     with pytest.raises(ConfigError, match="different pools or normalisation"):
-        reconstruction_curve(synthetic, [0, 1], task=TASK, basis_sizes=[2])
+        curve_job.run(synthetic, curve_job.Settings(layers=(0, 1), task=TASK, basis_sizes=(2,)))
 
 
 def test_cli_curve_writes_store_and_plot(split_store, tmp_path, capsys, fast_models):
@@ -216,7 +221,7 @@ def test_cli_curve_writes_store_and_plot(split_store, tmp_path, capsys, fast_mod
     assert "m=2" in out and "full model:" in out
     with Image.open(plot) as image:
         assert image.format == "PNG" and image.size[0] > 100
-    ref = reconstruction_curve(store, [2, 3], task="shapes-shape", basis_sizes=[2, 4, 6])
+    ref = curve_job.run(store, curve_job.Settings(layers=(2, 3), task="shapes-shape", basis_sizes=(2, 4, 6)))
     np.testing.assert_array_equal(ref.accuracies, stored)
 
 

@@ -13,7 +13,10 @@ from clipscope.kernels.textspan import REFERENCE_SPAN_RANK, resolve_span_rank, t
 from clipscope.pipelines.data.webdataset_input import write_shard
 from clipscope.pipelines.jobs.extract.job import run_extract
 from clipscope.pipelines.jobs.extract.settings import ExtractConfig
-from clipscope.pipelines.jobs.textspan.job import TextSpanSettings, parse_span_rank, rank_rtol_for, run_textspan
+from clipscope.pipelines.jobs import textspan as textspan_job
+from clipscope.pipelines.jobs.textspan import TextSpanSettings
+from clipscope.pipelines.jobs.textspan.job import rank_rtol_for
+from clipscope.pipelines.jobs.textspan.settings import parse_span_rank
 from clipscope.pipelines.texts.embedding_cache import cached_text_embeddings
 from clipscope.storage.store import RunStore
 
@@ -47,7 +50,7 @@ def _heads(store, layer):
 def test_auto_is_the_default_and_warns_once_when_below_80(store, caplog):
     assert TextSpanSettings().span_rank == "auto"
     with caplog.at_level(logging.WARNING, logger="clipscope"):
-        run_textspan(store, [2, 3], TEXTS, settings=TextSpanSettings(basis_size=4))
+        textspan_job.run(store, TextSpanSettings(layers=(2, 3), texts=tuple(TEXTS), basis_size=4))
     notices = [r for r in caplog.records if "span-rank" in r.getMessage()]
     assert len(notices) == 1 and "\n" not in notices[0].getMessage()
     assert f"--span-rank {REFERENCE_SPAN_RANK}" in notices[0].getMessage()
@@ -68,7 +71,7 @@ def test_auto_is_the_default_and_warns_once_when_below_80(store, caplog):
 
 def test_an_integer_span_rank_is_used_literally_without_notice(store, caplog):
     with caplog.at_level(logging.WARNING, logger="clipscope"):
-        run_textspan(store, [3], TEXTS, settings=TextSpanSettings(basis_size=4, span_rank=30))
+        textspan_job.run(store, TextSpanSettings(layers=(3,), texts=tuple(TEXTS), basis_size=4, span_rank=30))
     assert not [r for r in caplog.records if "span-rank" in r.getMessage()]
     attrs = dict(store.array("reductions/textspan/layer_3/indices").attrs)
     assert attrs["span_rank"] == 30 and set(attrs["span_ranks_used"]) == {30}

@@ -3,7 +3,6 @@ bar, whole captions, chance and keep-last-k on the ablation plot."""
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
 
 
@@ -24,12 +23,17 @@ def saved_figures(monkeypatch):
 
 
 def test_ablation_plot_has_chance_and_keep_last(tmp_path, saved_figures):
-    from clipscope.pipelines.jobs.evaluate.job import plot_evaluation
+    import numpy as np
 
-    table = pa.table({"ablation": ["baseline", "mlps", "heads_to_L0", "heads_to_L1", "keep_last_2"],
-                      "kind": ["baseline", "mlps", "cumulative", "cumulative", "keep_last"],
-                      "layer": [-1, -1, 0, 1, -1], "accuracy": [0.9, 0.85, 0.8, 0.2, 0.88]})
-    plot_evaluation(table, tmp_path / "a.png", title="t", chance=1 / 56)
+    from clipscope.pipelines.jobs import evaluate
+    from clipscope.pipelines.jobs.evaluate.report import plot_evaluation
+
+    accuracy = np.array([0.9, 0.85, 0.8, 0.2, 0.88])
+    result = evaluate.Result(evaluate.Settings("shapes", keep_last=(2,)),
+                             ("baseline", "mlps", "heads_to_L0", "heads_to_L1", "keep_last_2"),
+                             ("baseline", "mlps", "cumulative", "cumulative", "keep_last"),
+                             np.round(accuracy * 100).astype(np.int64), accuracy, 100, 56, (0, 1))
+    plot_evaluation(result, tmp_path / "a.png", title="t", chance=1 / 56)
     (fig,) = saved_figures
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]

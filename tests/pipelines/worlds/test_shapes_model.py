@@ -12,7 +12,7 @@ from PIL import Image
 
 from clipscope.kernels.decompose import DecomposeRequest, decompose
 from clipscope.pipelines.worlds.shapes import evaluate as se
-from clipscope.pipelines.jobs.evaluate.job import evaluate_ablations
+from clipscope.pipelines.jobs import evaluate
 from clipscope.pipelines.jobs.extract.job import run_extract
 from clipscope.pipelines.jobs.extract.settings import ExtractConfig
 from clipscope.pipelines.worlds.shapes.world import write_world
@@ -185,7 +185,7 @@ def test_store_evaluation_keeps_the_accuracy_with_only_the_last_layers_heads(hel
     samples = held_out_store.read_samples().sort_by("row")
     assert samples.column("label").to_pylist() == [s.label for s in single]
     for task, gate in (("shapes-colour", "keep_last_colour_acc"), ("shapes-shape", "keep_last_shape_acc")):
-        table = evaluate_ablations(held_out_store, task, keep_last=(2,), loaded=loaded)
+        table = evaluate.run(held_out_store, evaluate.Settings(task, keep_last=(2,)), loaded=loaded).table()
         acc = dict(zip(table.column("ablation").to_pylist(), table.column("accuracy").to_pylist()))
         assert acc["keep_last_2"] >= GATES[gate], (task, acc)
         assert acc["heads_to_L3"] <= 0.3, (task, acc)  # every head ablated: near chance

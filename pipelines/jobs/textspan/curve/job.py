@@ -26,39 +26,23 @@ Results: `reductions/textspan/curve/<task>/{accuracy,basis_size}[basis_size]`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from clipscope.kernels.zero_shot import count_correct
-from clipscope.errors import ConfigError, ParameterError
+from clipscope.errors import ConfigError
 from clipscope.pipelines.models.loading import LoadedModel
 from clipscope.cluster.executor import Executor
 from clipscope.pipelines.jobs.means.job import _add_sums, head_positions, reduce_rows, row_blocks
-from clipscope.pipelines.jobs.textspan.job import RESULT_PREFIX
+from clipscope.pipelines.jobs.textspan.curve.result import Result, resolve
+from clipscope.pipelines.jobs.textspan.curve.settings import Settings
 from clipscope.pipelines.texts.embedding_cache import cached_text_embeddings, embeddings_key
-from clipscope.pipelines.texts.zero_shot import ZeroShotTask, classifier, get_task, store_classes
+from clipscope.pipelines.texts.zero_shot import classifier, get_task, store_classes
 from clipscope.storage import schema
-from clipscope.storage.results import store_lock
+from clipscope.storage.results import begin_reduction
 from clipscope.storage.store import RunStore
-
-CURVE_PREFIX = f"{RESULT_PREFIX}/curve"
-DEFAULT_BASIS_SIZES = (10, 20, 30, 40, 50, 60)
-
-
-@dataclass(frozen=True)
-class CurveResult:
-    task: str
-    layers: tuple[int, ...]
-    basis_sizes: tuple[int, ...]
-    accuracies: np.ndarray  # [basis_size]
-    baseline_accuracy: float  # the unablated image embedding
-    heads_kept_accuracy: float  # chosen heads unprojected, every other term mean-ablated
-    n_labelled: int
-    normalize: bool
-    pool: str
 
 
 @dataclass(frozen=True)
@@ -67,14 +51,6 @@ class _StoredPicks:
     texts_key: str
     normalize: bool
     pool: str
-
-
-def check_basis_sizes(basis_sizes: Sequence[int]) -> tuple[int, ...]:
-    """The curve's m values, sorted and without repeats."""
-    sizes = tuple(basis_sizes)
-    if not sizes or any(isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1 for m in sizes):
-        raise ParameterError("basis_sizes", f"must be integers ≥ 1, got {list(sizes)!r}")
-    return tuple(sorted({int(m) for m in sizes}))
 
 
 def stored_picks(store: RunStore, layers: Sequence[int], needed: int) -> _StoredPicks:
@@ -183,81 +159,39 @@ class _CurveCounts:
                 "heads_kept": _hits(kept, self.weights, truth), "projected": np.array(counts, np.int64)}
 
 
-def reconstruction_curve(store: RunStore, layers: Sequence[int], *, texts: Sequence[str] | None = None,
-                         task: str | ZeroShotTask, basis_sizes: Sequence[int] = DEFAULT_BASIS_SIZES,
-                         executor: Executor | None = None, loaded: LoadedModel | None = None) -> CurveResult:
-    """Zero-shot accuracy with the heads of `layers` projected onto their first m TextSpan texts.
+def run(store: RunStore, settings: Settings, executor: Executor | None = None, *,
+        loaded: LoadedModel | None = None) -> Result:
+    """Zero-shot accuracy with the heads of the settings' layers projected onto their first m TextSpan texts.
 
-    Needs `run_textspan` on `layers` with basis_size ≥ max(basis_sizes). `texts` (the pool TextSpan
-    ran on) is needed only if its embeddings are not cached in the store. Writes the curve into the
-    store when it is writable.
+    Needs the textspan job on those layers with basis_size ≥ max(basis_sizes). The settings' `texts` (the
+    pool TextSpan ran on) are needed only if its embeddings are not cached in the store; `loaded` is the
+    run's model (None: loaded when needed). Writes the curve into the store when it is writable.
     """
+    layers, task = resolve(store, settings)
     task = get_task(task) if isinstance(task, str) else task
-    layers = tuple(int(l) for l in layers)
-    if not layers:
-        raise ParameterError("layers", "must name at least one layer with TextSpan results")
-    sizes = check_basis_sizes(basis_sizes)
-    picks = stored_picks(store, layers, sizes[-1])
-    directions = pick_directions(_pool_embeddings(store, picks, texts, loaded), picks.indices)
-    positions = tuple(head_positions(store, layers))
-    weights = classifier(store, task, loaded).astype(np.float64)
-    classes = store_classes(store, task)
-    sums = reduce_rows(executor, store, row_blocks(store), _TermSums(store, positions, picks.normalize), _add_sums,
-                       desc="curve means")
-    if sums["count"] == 0:
-        raise ConfigError(f"{store.url} has no valid rows to average")
-    ablated = (sums["embedding"] - sums["heads"].sum((0, 1))) / sums["count"]
-    counter = _CurveCounts(store, positions, picks.normalize, directions, sizes, ablated, weights, classes)
-    counts = reduce_rows(executor, store, row_blocks(store, chunks_per_block=1), counter, _add_sums,
-                         desc="curve scoring")
-    n = counts["labelled"]
-    if n == 0:
-        raise ConfigError("no labelled samples to score; the zero-shot task needs the samples' labels (.cls in "
-                          "the shards); leave out --curve")
-    result = CurveResult(task.name, layers, sizes, counts["projected"] / n, counts["baseline"] / n,
-                         counts["heads_kept"] / n, n, picks.normalize, picks.pool)
-    if store.mode == "r+":
-        write_curve(store, result, picks.texts_key)
+    sizes = settings.sizes
+    with begin_reduction(store, "textspan --curve", {"task": task.name, "layers": list(layers),
+                                                     "basis_sizes": list(sizes)},
+                         allow_incomplete=settings.allow_incomplete) as reduction:
+        picks = stored_picks(store, layers, sizes[-1])
+        directions = pick_directions(_pool_embeddings(store, picks, settings.texts, loaded), picks.indices)
+        positions = tuple(head_positions(store, layers))
+        weights = classifier(store, task, loaded).astype(np.float64)
+        classes = store_classes(store, task)
+        sums = reduce_rows(executor, store, row_blocks(store), _TermSums(store, positions, picks.normalize),
+                           _add_sums, desc="curve means")
+        if sums["count"] == 0:
+            raise ConfigError(f"{store.url} has no valid rows to average")
+        ablated = (sums["embedding"] - sums["heads"].sum((0, 1))) / sums["count"]
+        counter = _CurveCounts(store, positions, picks.normalize, directions, sizes, ablated, weights, classes)
+        counts = reduce_rows(executor, store, row_blocks(store, chunks_per_block=1), counter, _add_sums,
+                             desc="curve scoring")
+        n = counts["labelled"]
+        if n == 0:
+            raise ConfigError("no labelled samples to score; the zero-shot task needs the samples' labels (.cls in "
+                              "the shards); leave out --curve")
+        result = Result(settings, task.name, layers, sizes, counts["projected"] / n, counts["baseline"] / n,
+                             counts["heads_kept"] / n, n, picks.normalize, picks.pool, picks.texts_key)
+        if store.mode == "r+":
+            result.write(reduction)
     return result
-
-
-def write_curve(store: RunStore, result: CurveResult, texts_key: str) -> None:
-    group = schema.TEXTSPAN_CURVE.path(task=result.task)
-    attrs = {"task": result.task, "layers": list(result.layers), "baseline_accuracy": result.baseline_accuracy,
-             "heads_kept_accuracy": result.heads_kept_accuracy, "n_labelled": result.n_labelled,
-             "normalize": result.normalize, "pool": result.pool, "texts_key": texts_key,
-             "projection": "uncentred, onto the span of the first m picked texts' embeddings"}
-    # replaced whole (an earlier curve may have had other sizes), under the store's lock
-    with store_lock(store, "clipscope textspan --curve"):
-        store.write_result_group(group, {
-            "basis_size": (np.array(result.basis_sizes, np.int64), schema.TEXTSPAN_CURVE.dims("basis_size"), attrs),
-            "accuracy": (result.accuracies.astype(np.float64), schema.TEXTSPAN_CURVE.dims("accuracy"), attrs),
-        }, attrs)
-
-
-def format_curve(result: CurveResult) -> str:
-    lines = [f"zero-shot {result.task} on {result.n_labelled} images, heads of layers {list(result.layers)} "
-             f"projected onto their first m TextSpan texts ({result.pool}), everything else mean-ablated:"]
-    lines += [f"  m={m:<4d} {acc:.2%}" for m, acc in zip(result.basis_sizes, result.accuracies)]
-    lines.append(f"  heads kept whole (no projection): {result.heads_kept_accuracy:.2%}")
-    lines.append(f"  full model: {result.baseline_accuracy:.2%}")
-    return "\n".join(lines)
-
-
-def plot_curve(result: CurveResult, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.plot(result.basis_sizes, 100 * result.accuracies, "o-", label="heads projected onto TextSpan texts")
-    ax.axhline(100 * result.heads_kept_accuracy, color="tab:green", ls="--", label="heads kept whole")
-    ax.axhline(100 * result.baseline_accuracy, color="black", ls=":", label="full model")
-    ax.set_xticks(result.basis_sizes)
-    ax.set_xlabel("texts per head (m)")
-    ax.set_ylabel(f"zero-shot accuracy, {result.task} (%)")
-    ax.set_title(f"TextSpan reconstruction, layers {', '.join(map(str, result.layers))}", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
