@@ -17,12 +17,9 @@ import shutil
 import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
-import zarr
 
 from clipscope.cluster import runtime
 from clipscope.cluster.executor import open_executor
@@ -30,6 +27,7 @@ from clipscope.cluster.runtime import cluster_nodes
 from clipscope.pipelines.cli import main as cli_main
 from clipscope.pipelines.worlds.shapes.world import write_world
 
+from test_extract_on_ray import arrays_of
 from test_job_submit import JOB_TIMEOUT_S, TERMINAL_STATES, job_status, ray_cli
 
 pytestmark = pytest.mark.slow
@@ -106,14 +104,6 @@ def copy_of(store: str, folder: Path, name: str) -> str:
     target = folder / name
     shutil.copytree(store, target)
     return str(target)
-
-
-def arrays_of(url: str) -> dict[str, np.ndarray]:
-    group = zarr.open_group(url, mode="r")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        members = [(name, node) for name, node in group.members(max_depth=None) if isinstance(node, zarr.Array)]
-    return {name: np.asarray(node[...]) for name, node in members}
 
 
 def assert_same_arrays(url: str, reference: str, prefixes: tuple[str, ...]) -> list[str]:

@@ -25,6 +25,22 @@ class exit_codes:  # noqa: N801 - the README's table, pinned here (clipscope.pip
 from extract_helpers import TINY_MODEL, extract_args, run_cli, write_tiny_shards
 
 
+def read_only_file_system(monkeypatch) -> None:
+    """Make every statvfs report a read-only file system (what a read-only mount shows)."""
+    from clipscope.storage import location
+
+    real = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, path):
+            self._stat = real(path)
+
+        def __getattr__(self, name):
+            return os.ST_RDONLY if name == "f_flag" else getattr(self._stat, name)
+
+    monkeypatch.setattr(location.os, "statvfs", ReadOnly)
+
+
 def error_line(capsys, command: str) -> str:
     """The one error line of a command; no traceback."""
     err = capsys.readouterr().err
@@ -68,18 +84,7 @@ def test_out_at_a_file_is_refused_before_anything_is_loaded(shards, tmp_path, ca
 
 
 def test_out_on_a_read_only_file_system_is_an_environment_fault(shards, tmp_path, capsys, monkeypatch):
-    from clipscope.storage import location
-
-    real = os.statvfs
-
-    class ReadOnly:
-        def __init__(self, path):
-            self._stat = real(path)
-
-        def __getattr__(self, name):
-            return os.ST_RDONLY if name == "f_flag" else getattr(self._stat, name)
-
-    monkeypatch.setattr(location.os, "statvfs", ReadOnly)
+    read_only_file_system(monkeypatch)
     out = tmp_path / "store.zarr"
     assert run_cli(*extract_args(shards.paths, out)) == exit_codes.ENVIRONMENT
     assert "is read-only; write elsewhere" in error_line(capsys, "extract")
@@ -337,18 +342,8 @@ def test_a_full_disk_on_the_driver_side_is_one_line_too(shards, tmp_path, capsys
 
 def test_a_reduction_on_a_read_only_store_fails_before_the_work(finished, capsys, monkeypatch):
     from clipscope.pipelines.cli import textspan
-    from clipscope.storage import location
 
-    real = os.statvfs
-
-    class ReadOnly:
-        def __init__(self, path):
-            self._stat = real(path)
-
-        def __getattr__(self, name):
-            return os.ST_RDONLY if name == "f_flag" else getattr(self._stat, name)
-
-    monkeypatch.setattr(location.os, "statvfs", ReadOnly)
+    read_only_file_system(monkeypatch)
     monkeypatch.setattr(textspan, "run", lambda args: pytest.fail("textspan ran"))
     assert run_cli("textspan", finished) == exit_codes.ENVIRONMENT
     assert f"STORE {finished}: the file system of {finished} is read-only" in error_line(capsys, "textspan")
