@@ -17,12 +17,13 @@ import pyarrow.parquet as pq
 
 from clipscope.errors import ConfigError, StoreError
 from clipscope.storage.layout import SAMPLE_DIM, _is_int
+from clipscope.storage import schema
 from clipscope.storage.location import Location
 from clipscope.storage.sample_index import read_samples
 from clipscope.storage.store import RunStore, quiet_foreign_objects
 
 IMAGE_ARRAYS_PREFIX = "direct/"
-EMBEDDING_ARRAY = "image_embedding"
+EMBEDDING_ARRAY = schema.IMAGE_EMBEDDING.path()
 
 
 def open_run(url: str, storage_options: dict[str, Any] | None = None) -> RunStore:

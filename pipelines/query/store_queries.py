@@ -98,17 +98,17 @@ def top_images_for_neuron(store: RunStore, layer: int, neuron: int, k: int = 10)
 def image_summary(store: RunStore, sample: int | str, top: int = 10) -> tuple[dict[str, Any], pa.Table]:
     """One image: its embedding and the components that contribute most along it."""
     data = read_image(store, sample)
-    emb = data["image_embedding"].astype(np.float64)
+    emb = data[schema.IMAGE_EMBEDDING.path()].astype(np.float64)
     unit = emb / max(np.linalg.norm(emb), 1e-12)
     layers = list(store.info.heads_layers)
     parts: list[tuple[str, Any, Any, float, float]] = []
-    for name in ("direct/embedding", "direct/bias"):
-        v = data[name].astype(np.float64)
-        parts.append((name.split("/")[1], None, None, float(v @ unit), float(np.linalg.norm(v))))
+    for decl in (schema.DIRECT_EMBEDDING, schema.DIRECT_BIAS):
+        v = data[decl.path()].astype(np.float64)
+        parts.append((decl.leaf, None, None, float(v @ unit), float(np.linalg.norm(v))))
     for i, layer in enumerate(layers):
-        v = data["direct/mlps"][i].astype(np.float64)
+        v = data[schema.DIRECT_MLPS.path()][i].astype(np.float64)
         parts.append(("mlp", layer, None, float(v @ unit), float(np.linalg.norm(v))))
-        for h, hv in enumerate(data["direct/heads"][i].astype(np.float64)):
+        for h, hv in enumerate(data[schema.DIRECT_HEADS.path()][i].astype(np.float64)):
             parts.append(("head", layer, h, float(hv @ unit), float(np.linalg.norm(hv))))
     parts.sort(key=lambda p: -abs(p[3]))
     parts = parts[:top]
@@ -118,7 +118,8 @@ def image_summary(store: RunStore, sample: int | str, top: int = 10) -> tuple[di
         "norm": [p[4] for p in parts],
     })
     total = sum(float(data[n].astype(np.float64).sum(axis=tuple(range(data[n].ndim - 1))) @ unit)
-                for n in ("direct/embedding", "direct/bias", "direct/mlps", "direct/heads"))
+                for n in (d.path() for d in (schema.DIRECT_EMBEDDING, schema.DIRECT_BIAS, schema.DIRECT_MLPS,
+                                             schema.DIRECT_HEADS)))
     header = {"embedding_norm": float(np.linalg.norm(emb)), "sum_of_components_along_embedding": total}
     return header, table
 

@@ -23,6 +23,7 @@ from clipscope.pipelines.jobs.extract.job import run_extract
 from clipscope.pipelines.jobs.extract.settings import ExtractConfig
 from clipscope.pipelines.jobs import means, textspan
 from clipscope.pipelines.jobs.textspan.report import format_textspan
+from clipscope.storage import schema
 from clipscope.storage.store import RunStore
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def plot_token_maps(store: RunStore, loaded, path: Path, n_images: int = 6) -> N
     at = [samples["row"].index(r) for r in rows]
     captions = [samples["caption"][i] for i in at]
     keys = [samples["key"][i] for i in at]
-    tokens = store.read("direct/tokens", np.asarray(rows))[:, -1]  # [image head token embed]
+    tokens = store.read(schema.DIRECT_TOKENS.path(), np.asarray(rows))[:, -1]  # [image head token embed]
     texts = encode_texts(loaded, captions)
     grid = int(round((tokens.shape[2] - 1) ** 0.5))
     heats = [(tokens[j].sum(0)[1:] @ texts[j]).reshape(grid, grid) for j in range(len(rows))]
@@ -161,7 +162,7 @@ def demo_model():
 
 
 def _top_neurons(store: RunStore, layer: int, n: int) -> list[int]:
-    norms = store.read_result(f"reductions/second_order/layer_{layer}/norm_mean")
+    norms = store.read_result(schema.SECOND_ORDER["norm_mean"].path(layer=layer))
     return [int(i) for i in np.argsort(-norms, kind="stable")[:n]]
 
 
