@@ -31,7 +31,6 @@ COMMANDS = {
     "evaluate": ("evaluate", "zero-shot accuracy under mean-ablation of MLPs, heads and the class token"),
     "shapes": ("shapes", "the shapes world: generate it, train its CLIP, evaluate the CLIP"),
     "demo": ("demo", "generate the shapes world, extract on embedded Ray and report head roles"),
-
 }
 
 DESCRIPTION = (
@@ -84,6 +83,7 @@ def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
             for sub in action.choices.values():
                 names.update(flag_names(sub))
     return names
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -190,7 +190,7 @@ def _silence_stdout() -> None:
         pass
 
 
-# errno → (exit code, what to do); anything else is reported with exit code 2.
+# errno → (exit code, what to do); any other errno is an environment fault (exit code 4).
 _OS_ADVICE = {
     errno.ENOSPC: (exit_codes.ENVIRONMENT, "the device is full; free space or write elsewhere, then rerun"),
     errno.EDQUOT: (exit_codes.ENVIRONMENT, "the disk quota is exhausted; free space or write elsewhere, then rerun"),
@@ -207,10 +207,11 @@ _OS_ADVICE = {
 def os_error_line(err: OSError) -> tuple[int, str]:
     """(exit code, one line naming the path and what to do) for an OSError nobody caught."""
     code, advice = _OS_ADVICE.get(err.errno, (exit_codes.ENVIRONMENT, "check the machine and rerun"))
-    where = err.filename if err.filename is not None else None
     what = err.strerror or type(err).__name__
-    path = f" {where}" if where is not None else ""
-    return code, f"{what}:{path}: {advice}" if path else f"{what}: {advice}"
+    if err.filename is None:
+        return code, f"{what}: {advice}"
+    return code, f"{what}: {err.filename}: {advice}"
+
 
 def entry() -> None:
     """Console-script entry: run `main`, then leave without interpreter teardown.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import tarfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,3 +85,18 @@ def extract_args(data, out, *extra) -> list[str]:
     """Arguments of a quiet tiny-model extraction (rows_per_chunk 4, batch 4 unless `extra` overrides)."""
     return ["extract", *([data] if isinstance(data, str) else data), "--out", str(out), "--model", TINY_MODEL,
             "--rows-per-chunk", "4", "--batch-size", "4", "--progress", "off", *map(str, extra)]
+
+
+def truncate_inside_sample(path: str, sample: int) -> None:
+    """Cut the tar in the middle of the first member's data of sample number `sample`."""
+    with tarfile.open(path) as tf:
+        keys = []
+        for info in tf.getmembers():
+            key = info.name.split(".", 1)[0]
+            if key not in keys:
+                keys.append(key)
+                if len(keys) == sample + 1:
+                    cut = info.offset_data + info.size // 2
+                    break
+    with open(path, "r+b") as f:
+        f.truncate(cut)

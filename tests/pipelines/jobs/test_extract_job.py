@@ -22,7 +22,7 @@ from clipscope.pipelines.jobs.extract.job import store_arrays as decomposition_a
 from clipscope.pipelines.jobs.extract.settings import ExtractConfig
 from clipscope.storage.store import RunStore
 
-from extract_helpers import TINY_MODEL, decoded_image, extract_args, run_cli, write_tiny_shards
+from extract_helpers import TINY_MODEL, decoded_image, extract_args, run_cli, truncate_inside_sample, write_tiny_shards
 
 RPC = 4
 # clipscope-tiny: 4 layers of 4 heads, width 64, embed 32, 64 px / 16 px patches → 17 tokens, MLP 256.
@@ -222,23 +222,6 @@ def test_float16_storage_of_chosen_head_layers(tmp_path, tiny_dataset, model_cac
 
 # ----------------------------------------------------------------------------------------------
 # Bad data and fsspec locations
-
-
-def truncate_inside_sample(path: str, sample: int) -> None:
-    """Cut the tar in the middle of the first member's data of sample number `sample`."""
-    import tarfile
-
-    with tarfile.open(path) as tf:
-        keys = []
-        for info in tf.getmembers():
-            key = info.name.split(".", 1)[0]
-            if key not in keys:
-                keys.append(key)
-                if len(keys) == sample + 1:
-                    cut = info.offset_data + info.size // 2
-                    break
-    with open(path, "r+b") as f:
-        f.truncate(cut)
 
 
 def test_truncated_and_empty_shards_from_file_urls_into_a_memory_store(tmp_path, model_cache, fast_models):

@@ -9,38 +9,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tarfile
 
 import pytest
 import zstandard
 
 from clipscope.storage.store import RunStore
 
-from extract_helpers import extract_args, run_cli, write_tiny_shards
-
-
-def truncate(path: str, keep_samples: int) -> None:
-    """Cut the tar inside the data of sample `keep_samples` (0-based)."""
-    with tarfile.open(path) as tf:
-        infos = tf.getmembers()
-    first = [i for i in infos if i.name.startswith(infos[0].name.split("-")[0])]
-    keys = []
-    for info in first:
-        key = info.name.split(".", 1)[0]
-        if key not in keys:
-            keys.append(key)
-            if len(keys) == keep_samples + 1:
-                cut = info.offset_data + info.size // 2
-                break
-    with open(path, "r+b") as f:
-        f.truncate(cut)
+from extract_helpers import extract_args, run_cli, truncate_inside_sample, write_tiny_shards
 
 
 @pytest.fixture()
 def lossy(tmp_path):
     """shard 0 fine; shard 1 (10 samples) cut after 6; shard 2 (12) with a stats file saying 4."""
     data = write_tiny_shards(tmp_path / "shards", (3, 10, 12), seed=5)
-    truncate(data.paths[1], 6)
+    truncate_inside_sample(data.paths[1], 6)
     stats = os.path.join(data.folder, "shard-002_stats.json")
     with open(stats, "w") as f:
         json.dump({"successes": 4}, f)
