@@ -20,12 +20,12 @@ def photo_like_jpeg(rng: np.random.Generator, size: int = 224) -> bytes:
     return buffer.getvalue()
 
 
-def make_dataset(folder: str, counts: list[int], seed: int = 0) -> list[str]:
-    """Shards `shard-NNN.tar` in `folder` holding `counts[s]` images each; returns their paths."""
+def make_dataset(folder: str, counts: list[int], seed: int = 0, size: int = 224) -> list[str]:
+    """Shards `shard-NNN.tar` in `folder` holding `counts[s]` images (`size` px) each; returns their paths."""
     rng = np.random.default_rng(seed)
     paths = []
     for s, count in enumerate(counts):
-        samples = [{"__key__": f"{s:03d}-{i:05d}", "jpg": photo_like_jpeg(rng), "cls": i, "txt": f"image {i}"}
+        samples = [{"__key__": f"{s:03d}-{i:05d}", "jpg": photo_like_jpeg(rng, size), "cls": i, "txt": f"image {i}"}
                    for i in range(count)]
         path = os.path.join(folder, f"shard-{s:03d}.tar")
         write_shard(path, samples)

@@ -66,6 +66,12 @@ class EnvironmentFault(ClipscopeError):
     network. The CLI exits 4 on it (2 on every other ClipscopeError)."""
 
 
+def literal(value: object) -> str:
+    """``value`` as text a message template keeps verbatim (its braces doubled): a path, a repr or another
+    error's text interpolated into a template with ``parameters``."""
+    return str(value).replace("{", "{{").replace("}", "}}")
+
+
 def _rebuild(cls: type, args: tuple, state: dict) -> ClipscopeError:
     err = Exception.__new__(cls)
     Exception.__init__(err, *args)

@@ -70,6 +70,10 @@ class Decomposition:
     tokens: Float[Tensor, "sample token_layer head token embed"] | None = None
     second_order: dict[int, SecondOrderTerms] = field(default_factory=dict)
     activations: dict[int, Float[Tensor, "sample token neuron"]] = field(default_factory=dict)
+    # Σ_{l,h} of the per-token terms over every layer (request.token_sum) and the class-token query
+    # row of the attention of chosen layers (request.attention_layers).
+    token_sum: Float[Tensor, "sample token embed"] | None = None
+    attention: dict[int, Float[Tensor, "sample head token"]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class DecomposeRequest:
     second_order_layers: tuple[int, ...] = ()
     activation_layers: tuple[int, ...] = ()
     convention: str = "split"
+    token_sum: bool = False
+    attention_layers: tuple[int, ...] = ()
 
     def validated(self, spec: ViTSpec) -> "DecomposeRequest":
         if self.convention not in CONVENTIONS:
@@ -96,6 +102,8 @@ class DecomposeRequest:
             second_order_layers=second,
             activation_layers=check_layers(spec, self.activation_layers, "activation layers"),
             convention=self.convention,
+            token_sum=bool(self.token_sum),
+            attention_layers=check_layers(spec, self.attention_layers, "attention layers"),
         )
 
 
@@ -199,13 +207,16 @@ def decompose(
     token_layers: ``tokens`` [sample token_layer head token embed] (sums over tokens to the heads).
     second_order_layers: ``second_order[l]`` (q of docs/methods.md, 1/σ_post included, and the `split`
     shared term). activation_layers: ``activations[l]`` (post-activation MLP values).
+    token_sum: ``token_sum`` [sample token embed] = Σ over every layer and head of the per-token terms
+    (Σ_t token_sum = Σ heads). attention_layers: ``attention[l]`` [sample head token], the class-token
+    query row of layer l's softmax attention.
     """
     req = request.validated(spec)
     if fold is not None and fold.convention != req.convention:
         raise ConfigError(f"folding was built for the {fold.convention!r} convention, the request asks for "
                           f"{req.convention!r}")
     with torch.no_grad():
-        if fold is None and (req.direct or req.token_layers):
+        if fold is None and (req.direct or req.token_layers or req.token_sum):
             fold = folding(spec, req.convention)
         return _decompose(spec, images.to(spec.dtype), req, fold)
 
@@ -224,12 +235,20 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Foldi
     z_cls, mlp_cls, self_values, tok_terms = [], [], [], {}
     sources: dict[int, Tensor] = {}  # source layer -> post-activation values [batch token neuron]
     q_parts: dict[int, list[Tensor]] = {l: [] for l in req.second_order_layers}
+    attention: dict[int, Tensor] = {}
+    token_acc: Tensor | None = None  # Σ_l Σ_h A[0,t]·readout(v_t), before 1/σ_post
     shared_parts: dict[int, list[Tensor]] = {l: [] for l in req.second_order_layers}
 
     for index, block in enumerate(spec.blocks):
         y = layer_norm(block.ln_1, x)
-        needs_row = req.direct or index > first_source or index in req.token_layers
+        needs_row = (req.direct or index > first_source or index in req.token_layers or req.token_sum
+                     or index in req.attention_layers)
         attn, cls_attn, v = _attention(block, y, needs_row)
+        if index in req.attention_layers:
+            attention[index] = cls_attn.clone()
+        if req.token_sum:
+            part = torch.einsum("bht,bhte,hed->btd", cls_attn, v, fold.readouts[index])
+            token_acc = part if token_acc is None else token_acc + part
         if req.direct:
             z_cls.append(attn[:, :, 0].clone())  # a copy: a view would keep every layer's attention alive
             self_values.append(cls_attn[:, :, 0, None] * v[:, :, 0])  # A[0,0]·value of token 0, [batch head e]
@@ -278,7 +297,8 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Foldi
             shared = (total @ p_fold) * inv_sigma + post_share * offset
         second_order[source] = SecondOrderTerms(weights, shared)
 
-    if req.direct or req.token_layers:
+    token_sum: Tensor | None = None
+    if req.direct or req.token_layers or req.token_sum:
         p_fold, readouts = fold.p_fold, fold.readouts
         split = req.convention == "split"
         if split:
@@ -311,7 +331,11 @@ def _decompose(spec: ViTSpec, images: Tensor, req: DecomposeRequest, fold: Foldi
                     t = t + (layer_terms[:, layer] / (n_heads * n_tokens))[:, None, None]
                 terms.append(t)
             tokens = torch.stack(terms, 1)
-    return Decomposition(image_embedding, direct, tokens, second_order, activations)
+        if req.token_sum:
+            token_sum = token_acc * inv_sigma[:, None]
+            if split:  # each (token, head) term of layer l carries layer_terms[l]/(H·T): Σ_{l,h} → Σ_l /T
+                token_sum = token_sum + (layer_terms.sum(1) / n_tokens)[:, None]
+    return Decomposition(image_embedding, direct, tokens, second_order, activations, token_sum, attention)
 
 
 def _shared_value(

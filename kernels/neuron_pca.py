@@ -33,6 +33,7 @@ from torch import Tensor
 from clipscope.errors import ConfigError, DataError
 
 DEFAULT_TOP_K = 100
+DEFAULT_CHUNK_BYTES = 1 << 22
 
 
 class NeuronFactors(NamedTuple):
@@ -86,29 +87,52 @@ def gram_norms(
     shared: Float[Tensor, "sample embed"] | None = None,
     shared_mean: Float[Tensor, "embed"] | None = None,
     shared_scale: float = 1.0,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Float[Tensor, "sample neuron"]:
     """Squared norms ‖φ_n(I)‖² (centred when means are given) without materialising φ.
 
-    Without `shared` the cost is O(B·N·P²); a shared term adds O(B·N·P·E) for its cross term.
+    Without `shared` the cost is O(B·N·P·r) (r = min(P, E)) against O(B·N·P·E) for φ; a shared
+    term adds O(B·N·E·r) for its cross term. Neurons are taken a chunk at a time (centring, one
+    batched product with the factors, a sum of squares), so the temporaries stay within
+    `chunk_bytes` (cache sized) and nothing of size [sample, neuron, weight] is allocated besides q.
     """
     f = _factors(directions, factors)
     n_neurons, rank, n_weights = f.coords.shape
     if q.ndim != 3 or q.shape[1:] != (n_neurons, n_weights):
         raise ConfigError(f"q must have shape [sample, {n_neurons}, {n_weights}], got {tuple(q.shape)}")
-    dq = _centred(q, q_mean, "q_mean").to(f.coords.dtype)
-    t = torch.einsum("nrp,bnp->bnr", f.coords, dq)
-    if shared is None:
-        return (t * t).sum(dim=-1)
-    if shared.ndim != 2 or shared.shape != (q.shape[0], f.basis.shape[1]):
-        raise ConfigError(
-            f"shared must have shape [{q.shape[0]}, {f.basis.shape[1]}], got {tuple(shared.shape)}"
-        )
-    ds = shared_scale * _centred(shared, shared_mean, "shared_mean").to(f.coords.dtype)
-    # φ = U(t + Uᵀs) + (I − UUᵀ)s: two orthogonal parts, both sums of squares.
-    inside = torch.einsum("ner,be->bnr", f.basis, ds)
-    along = t + inside
-    outside = ((ds * ds).sum(dim=-1)[:, None] - (inside * inside).sum(dim=-1)).clamp(min=0)
-    return (along * along).sum(dim=-1) + outside
+    if q_mean is not None and q_mean.shape != (n_neurons, n_weights):
+        raise ConfigError(f"q_mean of shape {tuple(q_mean.shape)} does not fit rows of shape {tuple(q.shape[1:])}")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ConfigError(f"chunk_bytes must be an integer ≥ 1, got {chunk_bytes!r}")
+    dtype = f.coords.dtype
+    ds = None
+    if shared is not None:
+        if shared.ndim != 2 or shared.shape != (q.shape[0], f.basis.shape[1]):
+            raise ConfigError(
+                f"shared must have shape [{q.shape[0]}, {f.basis.shape[1]}], got {tuple(shared.shape)}"
+            )
+        ds = shared_scale * _centred(shared, shared_mean, "shared_mean").to(dtype)
+        ds_energy = (ds * ds).sum(dim=-1)
+    out = torch.empty(q.shape[0], n_neurons, dtype=dtype, device=q.device)
+    per_neuron = q.shape[0] * (n_weights + 2 * rank) * torch.finfo(dtype).bits // 8
+    step = max(1, chunk_bytes // max(per_neuron, 1))
+    coords_t = f.coords.transpose(1, 2)  # [neuron weight rank]
+    mean = None if q_mean is None else q_mean.to(dtype)
+    for lo in range(0, n_neurons, step):
+        part = slice(lo, min(lo + step, n_neurons))
+        dq = q[:, part].to(dtype).transpose(0, 1)  # [chunk sample weight]
+        if mean is not None:
+            dq = dq - mean[part, None, :]
+        t = torch.bmm(dq, coords_t[part])  # [chunk sample rank] = (T_n dq)ᵀ
+        if ds is None:
+            out[:, part] = (t * t).sum(dim=-1).T
+            continue
+        # φ = U(t + Uᵀs) + (I − UUᵀ)s: two orthogonal parts, both sums of squares.
+        inside = torch.matmul(ds, f.basis[part])  # [chunk sample rank]
+        along = t + inside
+        outside = (ds_energy - (inside * inside).sum(dim=-1)).clamp(min=0)
+        out[:, part] = ((along * along).sum(dim=-1) + outside).T
+    return out
 
 
 def rank1_pc(

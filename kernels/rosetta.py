@@ -149,12 +149,49 @@ def _flatten(maps: Tensor, shift: Tensor, size: tuple[int, int]) -> Tensor:
     return m.permute(0, 2, 3, 1).reshape(-1, m.shape[1])
 
 
+def _blocks(maps: Tensor, shift: Tensor, size: tuple[int, int], block: int) -> list[Tensor]:
+    """Flattened shifted maps in unit blocks of exactly `block` columns (the last one zero-padded)."""
+    out = []
+    for start in range(0, maps.shape[1], block):
+        part = maps[:, start:start + block]
+        part_shift = shift[start:start + block]
+        pad = block - part.shape[1]
+        if pad:
+            part = torch.cat([part.to(torch.float64), part.new_zeros(part.shape[0], pad, *part.shape[2:],
+                                                                      dtype=torch.float64)], dim=1)
+            part_shift = torch.cat([part_shift, part_shift.new_zeros(pad)])
+        out.append(_flatten(part, part_shift, size))
+    return out
+
+
+def _blocked_sums(blocks: list[Tensor], n_units: int) -> tuple[Tensor, Tensor]:
+    sums = torch.cat([b.sum(dim=0) for b in blocks])[:n_units]
+    squares = torch.cat([(b * b).sum(dim=0) for b in blocks])[:n_units]
+    return sums, squares
+
+
+def _blocked_cross(xb: list[Tensor], yb: list[Tensor], shape: tuple[int, int], matmul_dtype: torch.dtype) -> Tensor:
+    rows = [torch.cat([(a.to(matmul_dtype).T @ b.to(matmul_dtype)).to(torch.float64) for b in yb], dim=1)
+            for a in xb]
+    return torch.cat(rows, dim=0)[: shape[0], : shape[1]]
+
+
 def pair_stats_update(
     stats: PairStats,
     x: Float[Tensor, "image xunit h w"],
     y: Float[Tensor, "image yunit h2 w2"],
+    *,
+    unit_block: int | None = None,
+    matmul_dtype: torch.dtype = torch.float64,
 ) -> PairStats:
-    """Add a batch of maps of both models on the same images (channels sliced to the tile)."""
+    """Add a batch of maps of both models on the same images (channels sliced to the tile).
+
+    `unit_block`: compute the sums and Σxyᵀ in blocks of exactly this many units (the last block
+    zero-padded), so that every unit pair's float bytes are those of one fixed-shape product — the
+    same whatever the tile's width (a BLAS kernel's summation order may depend on the matrix shape).
+    `matmul_dtype`: the dtype of the Σxyᵀ product (float32 on GPUs: data are shifted by their means,
+    each block's product is added into the float64 sums); the first and second moments stay float64.
+    """
     _check_maps("x", x)
     _check_maps("y", y)
     if x.shape[0] != y.shape[0]:
@@ -162,18 +199,34 @@ def pair_stats_update(
     (x0, x1), (y0, y1) = stats.x_units, stats.y_units
     if x.shape[1] < x1 or y.shape[1] < y1:
         raise ConfigError(f"maps have {x.shape[1]} and {y.shape[1]} units, the tile needs {x1} and {y1}")
+    if unit_block is not None and (isinstance(unit_block, bool) or not isinstance(unit_block, int) or unit_block < 1):
+        raise ConfigError(f"unit_block must be None or an integer ≥ 1, got {unit_block!r}")
+    if matmul_dtype not in (torch.float64, torch.float32):
+        raise ConfigError(f"matmul_dtype must be torch.float64 or torch.float32, got {matmul_dtype!r}")
     size = (max(x.shape[2], y.shape[2]), max(x.shape[3], y.shape[3]))
-    xf = _flatten(x[:, x0:x1], stats.x_shift, size)
-    yf = _flatten(y[:, y0:y1], stats.y_shift, size)
+    if unit_block is None:
+        xf = _flatten(x[:, x0:x1], stats.x_shift, size)
+        yf = _flatten(y[:, y0:y1], stats.y_shift, size)
+        n = xf.shape[0]
+        x_sum, x_sq = xf.sum(dim=0), (xf * xf).sum(dim=0)
+        y_sum, y_sq = yf.sum(dim=0), (yf * yf).sum(dim=0)
+        xy = (xf.to(matmul_dtype).T @ yf.to(matmul_dtype)).to(torch.float64)
+    else:
+        xb = _blocks(x[:, x0:x1], stats.x_shift, size, unit_block)
+        yb = _blocks(y[:, y0:y1], stats.y_shift, size, unit_block)
+        n = xb[0].shape[0]
+        x_sum, x_sq = _blocked_sums(xb, x1 - x0)
+        y_sum, y_sq = _blocked_sums(yb, y1 - y0)
+        xy = _blocked_cross(xb, yb, (x1 - x0, y1 - y0), matmul_dtype)
     return PairStats(
-        count=stats.count + xf.shape[0],
+        count=stats.count + n,
         x_shift=stats.x_shift,
         y_shift=stats.y_shift,
-        x_sum=stats.x_sum + xf.sum(dim=0),
-        x_sq=stats.x_sq + (xf * xf).sum(dim=0),
-        y_sum=stats.y_sum + yf.sum(dim=0),
-        y_sq=stats.y_sq + (yf * yf).sum(dim=0),
-        xy=stats.xy + xf.T @ yf,
+        x_sum=stats.x_sum + x_sum,
+        x_sq=stats.x_sq + x_sq,
+        y_sum=stats.y_sum + y_sum,
+        y_sq=stats.y_sq + y_sq,
+        xy=stats.xy + xy,
         x_units=stats.x_units,
         y_units=stats.y_units,
     )

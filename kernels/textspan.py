@@ -33,7 +33,8 @@ the contributions have a large mean. With shift 0 the fields are the plain ΣC a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -60,6 +61,9 @@ class TextSpanStats:
     sum: Float[Tensor, "embed"]
     gram: Float[Tensor, "embed embed2"]
     shift: Float[Tensor, "embed"]
+    spectrum: tuple[Tensor, Tensor] | None = field(default=None, compare=False, repr=False)
+    """Optional cache (a stored reduction keeps it): (eigenvalues, eigenvectors) of the symmetrised
+    uncentred Gram exactly as `uncentred_eigenvalues` / `uncentred_eigenvectors` compute them."""
 
     @property
     def dim(self) -> int:
@@ -74,6 +78,22 @@ class TextSpanStats:
         """ΣCᵀC without shift."""
         s, t = self.shift, self.sum
         return self.gram + torch.outer(t, s) + torch.outer(s, t) + self.count * torch.outer(s, s)
+
+    def _symmetric_gram(self) -> Float[Tensor, "embed embed2"]:
+        gram = self.uncentred_gram()
+        return 0.5 * (gram + gram.T)
+
+    def uncentred_eigenvalues(self) -> Float[Tensor, "embed"]:
+        """Eigenvalues (ascending) of ΣCᵀC: the squared singular values of the uncentred C."""
+        return self.spectrum[0] if self.spectrum is not None else torch.linalg.eigvalsh(self._symmetric_gram())
+
+    def uncentred_eigenvectors(self) -> Float[Tensor, "embed embed2"]:
+        """Eigenvectors (columns, ascending eigenvalue) of ΣCᵀC: the right singular vectors of C."""
+        return self.spectrum[1] if self.spectrum is not None else torch.linalg.eigh(self._symmetric_gram())[1]
+
+    def with_spectrum(self) -> "TextSpanStats":
+        """The same statistics carrying their (computed once) spectrum, so later searches skip both eigh."""
+        return dataclasses.replace(self, spectrum=(self.uncentred_eigenvalues(), self.uncentred_eigenvectors()))
 
     def covariance(self) -> Float[Tensor, "embed embed2"]:
         """Unbiased covariance Σ_c of the contributions over images."""
@@ -167,8 +187,7 @@ def numerical_rank(stats: TextSpanStats, rtol: float = DEFAULT_RANK_RTOL) -> int
     """Number of singular values of the uncentred C greater than `rtol` times the largest (0 if C = 0)."""
     if not isinstance(rtol, (int, float)) or isinstance(rtol, bool) or not 0 < rtol < 1:
         raise ConfigError(f"rank_rtol must be a number in (0, 1), got {rtol!r}")
-    gram = stats.uncentred_gram()
-    eig = torch.linalg.eigvalsh(0.5 * (gram + gram.T)).clamp_min(0)
+    eig = stats.uncentred_eigenvalues().clamp_min(0)
     singular = eig.sqrt()
     top = singular.max()
     if not bool(top > 0):
@@ -195,9 +214,7 @@ def resolve_span_rank(
 def span_basis(stats: TextSpanStats, span_rank: int) -> Float[Tensor, "embed rank"]:
     """Top-`span_rank` right singular vectors of the uncentred C (columns, by decreasing value)."""
     rank = min(span_rank, stats.count, stats.dim)
-    gram = stats.uncentred_gram()
-    _, vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
-    return vectors[:, -rank:].flip(-1)
+    return stats.uncentred_eigenvectors()[:, -rank:].flip(-1)
 
 
 def textspan_from_stats(

@@ -47,8 +47,12 @@ PER_SAMPLE_ATTR = "clipscope_per_sample"
 VALID_ARRAY = "valid"
 SAMPLE_DIM = "sample"
 
+MEMBERS_DIR = "members"
+"""``members/part-{index:06d}.parquet``: per shard, where each tar member's bytes lie (key, suffix, offset, size),
+so a reader fetches one sample's image by key without scanning the tar (``pipelines/data/member_index.py``)."""
+
 # Names of non-zarr things at the store root; no array or group may take them.
-RESERVED_NAMES = frozenset({"manifest", "samples", "samples.parquet", "lock.json", "zarr.json"})
+RESERVED_NAMES = frozenset({"manifest", "samples", "samples.parquet", "lock.json", "zarr.json", MEMBERS_DIR})
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
@@ -90,9 +94,18 @@ class ArraySpec:
     shape_tail: tuple[int, ...]
     dtype: str
     per_sample: bool = True
+    # zarr sharding inside a row chunk — one shard per row chunk (the unit a writer owns), inner
+    # chunks of this tail shape (e.g. 256 units of a map layer), so a reader of a few units decodes only theirs
+    inner_chunk_tail: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         validate_array_name(self.name)
+        if self.inner_chunk_tail is not None:
+            inner = tuple(self.inner_chunk_tail)
+            if len(inner) != len(tuple(self.shape_tail)) or any(not _is_int(c) or c < 1 for c in inner):
+                raise ConfigError(f"inner_chunk_tail of {self.name!r} must be one integer ≥ 1 per shape_tail "
+                                  f"entry {tuple(self.shape_tail)!r}, got {inner!r}")
+            object.__setattr__(self, "inner_chunk_tail", tuple(int(c) for c in inner))
         if self.name == VALID_ARRAY:
             raise ConfigError(f"array name {VALID_ARRAY!r} is reserved for the row validity mask")
         dims = tuple(self.dims)

@@ -2,7 +2,9 @@
 
 Columns: row (int64), key (string), shard (string, the shard URL), shard_index (int32),
 label (int64, −1 when the sample has none), caption (string or null), error (string or null; a
-sample whose decode failed keeps its row with ``valid=False`` and the error text here).
+sample whose decode failed keeps its row with ``valid=False`` and the error text here), group (int64,
+−1 when the sample has none: the integer under ``extract --group-key`` in its json member; indices
+written before the column existed read as −1).
 
 Writing a part removes a previously merged ``samples.parquet`` (it would be stale); ``read_samples``
 falls back to the parts until the next ``merge_samples``.
@@ -35,6 +37,7 @@ SCHEMA = pa.schema(
         pa.field("label", pa.int64(), nullable=False),
         pa.field("caption", pa.string()),
         pa.field("error", pa.string()),
+        pa.field("group", pa.int64(), nullable=False),
     ]
 )
 
@@ -56,7 +59,11 @@ def _read_table(store: RunStore, *relative: str) -> pa.Table | None:
     try:
         # Single-threaded: the files are small, and pyarrow's reader threads still alive at interpreter
         # exit can abort the process (apache/arrow#34314).
-        return pq.read_table(pa.BufferReader(raw), use_threads=False).cast(SCHEMA)
+        table = pq.read_table(pa.BufferReader(raw), use_threads=False)
+        if "group" not in table.column_names:  # written before the column existed
+            table = table.append_column(pa.field("group", pa.int64(), nullable=False),
+                                        pa.array(np.full(table.num_rows, -1, np.int64)))
+        return table.cast(SCHEMA)
     except (pa.ArrowInvalid, ValueError) as exc:
         raise StoreError(f"unreadable sample index {store.location.child_url(*relative)}: {exc}") from exc
 
@@ -76,6 +83,9 @@ def samples_table(index: int, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
         label = -1 if label is None else label
         if not _is_int(label):
             raise ConfigError(f"sample {i} of shard {index}: label must be an integer or None, got {label!r}")
+        group = -1 if rec.get("group") is None else rec["group"]
+        if not _is_int(group):
+            raise ConfigError(f"sample {i} of shard {index}: group must be an integer or None, got {group!r}")
         for key in ("key", "shard"):
             if not isinstance(rec[key], str):
                 raise ConfigError(f"sample {i} of shard {index}: {key} must be a string, got {rec[key]!r}")
@@ -89,6 +99,7 @@ def samples_table(index: int, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
         columns["label"].append(int(label))
         columns["caption"].append(rec.get("caption"))
         columns["error"].append(rec.get("error"))
+        columns["group"].append(int(group))
     table = pa.table(columns, schema=SCHEMA)
     if len(set(columns["row"])) != len(columns["row"]):
         raise ConfigError(f"sample rows of shard {index} must be distinct")

@@ -192,6 +192,99 @@ ARRAYS: tuple[ArrayDecl, ...] = (
 )
 """Every array a clipscope job writes."""
 
+# --- Segmentation and CLIP-InterpreT: object masks, all-layer token sums, class-token attention rows
+# (extract); head roles and zero-shot segmentation (reductions). Appended here so the arrays above keep their order.
+
+MASKS = _rows("masks", ("mask_y", "mask_x"),
+              "object mask after the image's geometric transform (0 = background; 255 = no mask member)", "uint8")
+DIRECT_TOKEN_SUM = _rows("direct/token_sum", ("token", "embed"),
+                         "Σ over every layer and head of the per-token terms (token 0 = class)")
+ATTENTION = _rows("attention/layer_{layer}", ("head", "token"), "class-token query row of the softmax attention")
+ROLES = _group("reductions/roles", "roles", {
+    "label": (("layer", "head"), "int64", "index of the head's property in attrs `properties` (−1: none)"),
+    "share": (("layer", "head", "property"), "float64", "share of the head's TextSpan variance per property"),
+    "matches": (("layer", "head"), "int64", "how many of the head's top-m texts carry its label"),
+})
+SEGMENTATION = _group("reductions/segmentation/{method}/{task}", "segment", {
+    "class_index": (("row",), "int64", "the class whose map was segmented (predicted or label; −1: not scored)"),
+    "correct": (("row",), "int64", "correctly classified labelled pixels"),
+    "labelled": (("row",), "int64", "labelled pixels"),
+    "intersection": (("row", "seg_class"), "int64", "per class [background, foreground]: |pred ∩ truth|"),
+    "union": (("row", "seg_class"), "int64", "per class [background, foreground]: |pred ∪ truth|"),
+    "ap": (("row",), "float64", "average precision over both channels (NaN: row not scored)"),
+})
+ARRAYS = (*ARRAYS, MASKS, DIRECT_TOKEN_SUM, ATTENTION, *ROLES.arrays, *SEGMENTATION.arrays)
+GROUPS = (*GROUPS, ROLES, SEGMENTATION)
+
+# --- Applications of the decompositions (reductions). Per-image results of a reduction use the
+# `row` dim (= the store's row number; written whole), as the segmentation job's.
+
+CONCEPTS = _group("reductions/concepts/layer_{layer}", "concepts", {
+    "text_index": (("row", "concept"), "int64", "pool text of each discovered concept, best first (−1: none)"),
+    "score": (("row", "concept"), "float64", "its score w_j(I) = Σ over active neurons γ_j^n ν_n(I) (NaN: none)"),
+    "n_active": (("row",), "int64", "active neurons |𝒩(I)| (ν_n(I) > τ_n; −1: row not valid)"),
+})
+CUES = _group("reductions/cues/{pair}", "cues", {
+    "text_index": (("cue",), "int64", "pool text of each mined cue word, best first"),
+    "score": (("cue",), "float64", "its Eq. 6 score (or reference entry value)"),
+    "neurons": (("cue_neuron",), "int64", "the chosen neurons (flat index over the layers, by |⟨v, r_n⟩|)"),
+})
+WORST_GROUP = _group("reductions/worst_group/{task}", "worst-group", {
+    "group_count": (("class", "group"), "int64", "labelled valid rows per (class, group)"),
+    "group_correct": (("ablation", "class", "group"), "int64", "correct zero-shot predictions per cell"),
+    "group_accuracy": (("ablation", "class", "group"), "float64", "accuracy per (class, group) (NaN: empty)"),
+    "worst_group": (("ablation",), "float64", "min accuracy over non-empty cells"),
+    "accuracy": (("ablation",), "float64", "overall accuracy"),
+})
+ARRAYS = (*ARRAYS, *CONCEPTS.arrays, *CUES.arrays, *WORST_GROUP.arrays)
+GROUPS = (*GROUPS, CONCEPTS, CUES, WORST_GROUP)
+
+# --- Rosetta Neurons: activation maps of a model zoo (`clipscope maps`, per-sample) and the Rosetta job's results.
+# One sub-group per map layer / per model, so each group's `unit`, `y`, `x` have one length.
+
+MAPS = ArrayDecl("maps/{layer}/values", (SAMPLE_DIM, "unit", "y", "x"), "run", "rows", "maps",
+                 "a zoo model's activation map per unit (channel) of the hooked layer, on its grid")
+_ROSETTA = "reductions/rosetta/{name}"
+
+
+def _rosetta(leaf: str, dims: tuple[str, ...], dtype: str, what: str) -> ArrayDecl:
+    return ArrayDecl(f"{_ROSETTA}/{leaf}", dims, dtype, "whole", "rosetta", what)
+
+
+ROSETTA_UNITS = tuple(_rosetta(f"units/{{model}}/{leaf}", ("unit",), dtype, what) for leaf, dtype, what in (
+    ("layer_index", "int32", "index of the unit's layer in the model's layer list (attrs)"),
+    ("channel", "int32", "the unit's channel in its layer"),
+    ("height", "int32", "its map's native height"), ("width", "int32", "its map's native width"),
+    ("mean", "float64", "mean of the native map over valid images × positions"),
+    ("std", "float64", "population std of the native map")))
+ROSETTA_PAIRS = tuple(_rosetta(f"pairs/{{model}}/{leaf}", dims, dtype, what) for leaf, dims, dtype, what in (
+    ("row_top_index", ("anchor_unit", "k"), "int64", "the model's most correlated units per anchor unit (−1: none)"),
+    ("row_top_corr", ("anchor_unit", "k"), "float64", "their Pearson r (−inf: none)"),
+    ("col_top_index", ("unit", "k"), "int64", "the most correlated anchor units per model unit"),
+    ("col_top_corr", ("unit", "k"), "float64", "their Pearson r"),
+    ("buddies", ("buddy", "side"), "int64", "best buddies (anchor unit, model unit), sorted"),
+    ("buddy_corr", ("buddy",), "float64", "r of each buddy pair"),
+    ("corr", ("anchor_unit", "unit"), "float32", "the full correlation matrix (--keep-matrix only)")))
+ROSETTA_SELF = tuple(_rosetta(f"self/{leaf}", dims, dtype, what) for leaf, dims, dtype, what in (
+    ("buddies", ("self_buddy", "side"), "int64", "self best buddies BB(anchor, anchor; K_self), i < j"),
+    ("buddy_corr", ("self_buddy",), "float64", "their r")))
+ROSETTA_TUPLES = tuple(_rosetta(f"tuples/{leaf}", dims, dtype, what) for leaf, dims, dtype, what in (
+    ("members", ("tuple", "member"), "int64", "Eq. 4.4 tuples: column 0 the anchor unit, then one buddy per model"),
+    ("corr", ("tuple", "other"), "float64", "r of the anchor unit with each model's member"),
+    ("concept", ("tuple",), "int64", "concept (cluster of self best buddies) of each tuple")))
+ROSETTA_BEST = tuple(_rosetta(f"best/{leaf}", ("anchor_unit", "other"), dtype, what) for leaf, dtype, what in (
+    ("unit", "int64", "strongest buddy per model of each anchor unit (−1: none)"),
+    ("corr", "float64", "its r (NaN: none)")))
+ROSETTA_DICTIONARY = tuple(_rosetta(f"dictionary/{leaf}", ("concept", "rank"), dtype, what)
+                           for leaf, dtype, what in (
+    ("example_rows", "int64", "store rows of each concept's top images (−1 padding)"),
+    ("example_scores", "float64", "their score: mean over the concept's pairs of mean_x ĝ·d̂ (NaN padding)")))
+ROSETTA_SUMMARY = _rosetta("summary/n_units", ("model",), "int64",
+                           "units per model (anchor first); written last: the result is complete when present")
+ROSETTA = (*ROSETTA_UNITS, *ROSETTA_PAIRS, *ROSETTA_SELF, *ROSETTA_TUPLES, *ROSETTA_BEST, *ROSETTA_DICTIONARY,
+           ROSETTA_SUMMARY)
+ARRAYS = (*ARRAYS, MAPS, *ROSETTA)
+
 
 def declaration(name: str) -> tuple[ArrayDecl, dict[str, str]]:
     """The declaration an array name belongs to and its field values; StoreError when undeclared."""
@@ -253,6 +346,7 @@ class RunInfo:
     second_order_layers: Mapping[int, tuple[int, ...]] = field(default_factory=dict)  # l → later layers
     activation_layers: tuple[int, ...] = ()
     shards: tuple[str, ...] = ()
+    attention_layers: tuple[int, ...] = ()
     row_blocks: tuple[tuple[int, int], ...] = ()
     config: Mapping[str, Any] = field(default_factory=dict)
 
@@ -277,6 +371,7 @@ class RunInfo:
             shards=tuple(attrs.get("shards") or ()),
             row_blocks=tuple((int(s), int(c)) for s, c in attrs.get("row_blocks") or ()),
             config=dict(config),
+            attention_layers=tuple(int(l) for l in layers.get("attention", ())),
         )
 
     @classmethod
@@ -288,10 +383,25 @@ class RunInfo:
         """The `layers` group attribute this describes (the inverse of `from_attrs`)."""
         return {"heads": list(self.heads_layers), "tokens": list(self.token_layers),
                 "second_order": {str(l): list(v) for l, v in self.second_order_layers.items()},
-                "activations": list(self.activation_layers)}
+                "activations": list(self.activation_layers),
+                **({"attention": list(self.attention_layers)} if self.attention_layers else {})}
 
     def head_position(self, layer: int, what: str = "layers") -> int:
         """Index of `layer` along the `layer` dim of direct/heads (ConfigError naming the stored layers)."""
         if layer not in self.heads_layers:
             raise ConfigError(f"{what} {layer} has no head terms in this store; stored: {list(self.heads_layers)}")
         return self.heads_layers.index(layer)
+
+# --- TextSpan statistics as a stored reduction (ΣC, ΣCᵀC, K per head, relative to a shift), written
+# once per (normalisation, layer) and updated when done shards are added; read by textspan instead of the rows.
+
+TEXTSPAN_STATISTICS = _group("reductions/head_statistics/{norm}/layer_{layer}", "textspan statistics", {
+    "count": (("head",), "int64", "K: valid images summed"),
+    "sum": (("head", "embed"), "float64", "Σ (c − shift)"),
+    "gram": (("head", "embed", "embed2"), "float64", "Σ (c − shift)(c − shift)ᵀ"),
+    "shift": (("head", "embed"), "float64", "the statistics' shift (a constant per head)"),
+    "eigenvalues": (("head", "embed"), "float64", "eigenvalues of the uncentred ΣCᵀC (ascending)"),
+    "eigenvectors": (("head", "embed", "embed2"), "float64", "its eigenvectors (columns)"),
+})
+ARRAYS = (*ARRAYS, *TEXTSPAN_STATISTICS.arrays)
+GROUPS = (*GROUPS, TEXTSPAN_STATISTICS)

@@ -351,7 +351,11 @@ class RunStore:
         kwargs: dict[str, Any] = {}
         if spec.per_sample:
             block = (self.rows_per_chunk, *(max(1, s) for s in spec.shape_tail))
-            if rows_per_inner_chunk is None:
+            if spec.inner_chunk_tail is not None:  # shards of whole row chunks, inner chunks along the tail
+                inner = spec.inner_chunk_tail
+                kwargs["shards"] = (block[0], *(-(-b // c) * c for b, c in zip(block[1:], inner)))
+                kwargs["chunks"] = (rows_per_inner_chunk or block[0], *inner)
+            elif rows_per_inner_chunk is None:
                 kwargs["chunks"] = block
             else:
                 kwargs["shards"] = block

@@ -31,6 +31,19 @@ COMMANDS = {
     "evaluate": ("evaluate", "zero-shot accuracy under mean-ablation of MLPs, heads and the class token"),
     "shapes": ("shapes", "the shapes world: generate it, train its CLIP, evaluate the CLIP"),
     "demo": ("demo", "generate the shapes world, extract on embedded Ray and report head roles"),
+    # CLIP-InterpreT analyses, head roles, zero-shot segmentation
+    "roles": ("roles", "label heads by their TextSpan texts' properties; entanglement and association scores"),
+    "segment": ("segment", "zero-shot segmentation of a store's masked images: pixel accuracy, mIoU, mAP"),
+    "convert": ("convert", "convert a dataset layout (imagenet-seg: gtsegs_ijcv.mat) into webdataset shards"),
+    # applications of the decompositions
+    "concepts": ("concepts", "concept discovery: the texts of the neurons active in every image of a store"),
+    "cues": ("cues", "spurious-cue mining (Eq. 6), the text-to-image prompt, and the fooling rate of generated images"),
+    "worst-group": ("worst_group", "accuracy per (class, group) and the worst group under head ablations"),
+    # Rosetta Neurons over a model zoo
+    "maps": ("maps", "activation maps of any torch vision model over webdataset shards (Rosetta's inputs)"),
+    "rosetta": ("rosetta", "Rosetta Neurons: exact Pearson best buddies, concepts and a dictionary over a model zoo"),
+    # the web viewer
+    "view": ("view", "a read-only web viewer over a store: run, heads, neurons, images, maps (127.0.0.1:8000)"),
 }
 
 DESCRIPTION = (
@@ -133,7 +146,7 @@ OUTPUT_FLAGS = {"csv": ("--csv", False), "png": ("--png", False), "plot": ("--pl
 
 
 # Commands that write their results into STORE: a read-only store fails before the work.
-STORE_WRITERS = ("textspan", "evaluate", "second-order", "neurons")
+STORE_WRITERS = ("textspan", "evaluate", "second-order", "neurons", "concepts", "cues", "worst-group")
 
 
 def check_output_paths(args) -> None:

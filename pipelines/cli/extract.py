@@ -22,6 +22,16 @@ def layer_list(text: str) -> tuple[int, ...] | None:
         raise argparse.ArgumentTypeError(f"expected layer numbers like '9 10 11', 'all' or 'none', got {text!r}")
 
 
+def batch_size(text: str) -> int | str:
+    """A number of images, or 'auto' (validated further by ExtractConfig)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of images or 'auto', got {text!r}")
+
+
 def _layers(values) -> tuple[int, ...] | None:
     if values is None:
         return ()
@@ -59,10 +69,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layers whose per-token head terms are stored")
     parser.add_argument("--activation-layers", type=layer_list, nargs="+", metavar="L",
                         help="layers whose post-activation MLP maps are stored (Rosetta, segmentation)")
+    parser.add_argument("--masks", nargs="?", const="mask.png", default=None, metavar="MEMBER",
+                        help="store each sample's mask member (default mask.png; .png or .npy) as `masks`, after "
+                             "the image's resize and crop (segmentation)")
+    parser.add_argument("--mask-geometry", default="preprocess",
+                        help="preprocess (the image's geometry) or reference (squash to the input size, as the "
+                             "official segmentation code)")
+    parser.add_argument("--group-key", default="group", help="json key of a sample's group (samples.parquet `group`)")
+    parser.add_argument("--token-sum", action="store_true",
+                        help="store direct/token_sum: per token, the sum over every layer and head (segmentation)")
+    parser.add_argument("--attention-layers", type=layer_list, nargs="+", metavar="L",
+                        help="layers whose class-token attention row is stored (raw-attention baseline)")
     # Validated by ExtractConfig (one-line error), not argparse choices (a usage dump).
     parser.add_argument("--ln-convention", default="split", help="ln_post convention: split or center")
     parser.add_argument("--dtype", default="float32", help="storage dtype: float16 or float32")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--compute-dtype", default="auto",
+                        help="the forward's dtype: auto (the storage dtype on CUDA, float32 on CPU), float32, "
+                             "bfloat16, or float16 (CUDA only); docs/methods.md gives their exactness bounds")
+    parser.add_argument("--batch-size", type=batch_size, default=32,
+                        help="images per forward pass, or auto (from the device's free memory)")
+    parser.add_argument("--decode-threads", type=int, default=None,
+                        help="CPU threads decoding images beside the forward (default 8 with CUDA, 1 on CPU)")
     parser.add_argument("--rows-per-chunk", type=int, default=256, help="zarr chunk rows along `sample`")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_executor_arguments(parser)
@@ -83,8 +110,11 @@ def config_from_args(args):
         heads_layers=_layers(args.heads_layers), second_order_layers=_layers(args.second_order_layers) or (),
         token_layers=_layers(args.token_layers) or (), activation_layers=_layers(args.activation_layers) or (),
         ln_convention=args.ln_convention, dtype=args.dtype, batch_size=args.batch_size,
+        compute_dtype=args.compute_dtype, decode_threads=args.decode_threads,
         rows_per_chunk=args.rows_per_chunk, device=args.device, workers=workers_from(args), address=address_from(args),
         retry_failed=args.retry_failed, allow_local_store=args.allow_local_store,
+        masks=args.masks, mask_geometry=args.mask_geometry, group_key=args.group_key, token_sum=args.token_sum,
+        attention_layers=_layers(args.attention_layers) or (),
     )
 
 

@@ -1,4 +1,4 @@
-"""`clipscope shapes generate|train|evaluate`: the shapes world and its CLIP.
+"""`clipscope shapes generate|train|train-cnn|evaluate`: the shapes world, its CLIP and its CNN (Rosetta zoo).
 
 `generate` and `train` hand their arguments to ``python -m clipscope.pipelines.worlds.shapes.world`` and
 ``python -m clipscope.pipelines.worlds.shapes.train`` (same options; ``clipscope shapes train -- --help``).
@@ -20,6 +20,10 @@ def add_arguments(parser) -> None:
                            description="Train clipscope-shapes (options: clipscope shapes train -- --help).")
     train.add_argument("args", nargs=argparse.REMAINDER, help="[--out PATH] [--steps N] [--check] …")
     train.set_defaults(passthrough=True)
+    cnn = sub.add_parser("train-cnn", help="train the shapes-world CNN (Rosetta zoo) and write its fp16 checkpoint",
+                         description="Train shapes-cnn (options: clipscope shapes train-cnn -- --help).")
+    cnn.add_argument("args", nargs=argparse.REMAINDER, help="[--out PATH] [--steps N] [--check] …")
+    cnn.set_defaults(passthrough=True)
     ev = sub.add_parser("evaluate", help="held-out zero-shot, retrieval, segmentation and ablation numbers")
     ev.add_argument("--checkpoint", help="a checkpoint other than the shipped one")
     ev.add_argument("--seed", type=int, default=12345, help="held-out world seed (training uses seed 1)")
@@ -42,6 +46,10 @@ def run(args) -> int:
         from clipscope.pipelines.worlds.shapes.train import main
 
         return main(rest)
+    if args.shapes_command == "train-cnn":
+        from clipscope.pipelines.worlds.shapes.cnn import main as train_cnn
+
+        return train_cnn(rest)
     if args.n < 10:
         raise ConfigError(f"--n must be an integer ≥ 10, got {args.n}")
     if args.seed < 0:

@@ -45,6 +45,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
 TEXT_SUFFIX = "txt"
 LABEL_SUFFIX = "cls"
 JSON_SUFFIX = "json"
+NPY_EXTENSION = "npy"
 
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -379,11 +380,13 @@ class RawSample:
     meta: dict | None
     error: str | None
     meta_error: str | None = None
+    # Every other member read (e.g. ``mask.png``, ``latent.npy``): suffix → bytes (masks, latents).
+    extra: dict[str, bytes] = field(default_factory=dict)
 
 
 def _wanted_suffix(suffix: str) -> bool:
     last = suffix.rsplit(".", 1)[-1]
-    return suffix in (TEXT_SUFFIX, LABEL_SUFFIX, JSON_SUFFIX) or last in IMAGE_EXTENSIONS
+    return suffix in (TEXT_SUFFIX, LABEL_SUFFIX, JSON_SUFFIX) or last in IMAGE_EXTENSIONS or last == NPY_EXTENSION
 
 
 def _pick_image(members: dict[str, bytes | None]) -> bytes | None:
@@ -442,6 +445,8 @@ def raw_sample_from_group(group: TarGroup, index: int) -> RawSample:
         meta=meta,
         error="; ".join(problems) if problems else None,
         meta_error="; ".join(meta_problems) if meta_problems else None,
+        extra={suffix: data for suffix, data in members.items()
+               if data is not None and data is not image and suffix not in (TEXT_SUFFIX, LABEL_SUFFIX, JSON_SUFFIX)},
     )
 
 

@@ -62,13 +62,23 @@ def _with_info(store: RunStore, rows: np.ndarray, scores: np.ndarray, score_name
 
 
 def top_images_for_text(store: RunStore, layer: int, head: int, text: str, k: int = 10,
-                        loaded: LoadedModel | None = None) -> pa.Table:
-    """Images whose (layer, head) direct effect points furthest along the text's embedding."""
+                        loaded: LoadedModel | None = None, normalize: bool = True) -> pa.Table:
+    """Images whose (layer, head) direct effect points furthest along the text's embedding: the score is
+    ⟨c_head / ‖M(I)‖, t̂⟩ as in the papers' code (`normalize=False`: the raw ⟨c_head, t̂⟩, which ranks
+    images with large embeddings first)."""
     position = _layer_position(store, layer)
     _check_head(store, head)
     direction = encode_texts(loaded or load_run_model(store), [text])[0].astype(np.float64)
     heads = store.array(schema.DIRECT_HEADS.path())
-    rows, scores = _streamed_topk(store, k, lambda r: heads[r, position, head].astype(np.float64) @ direction)
+    embeddings = store.array(schema.IMAGE_EMBEDDING.path())
+
+    def scores_of(r: slice) -> np.ndarray:
+        raw = heads[r, position, head].astype(np.float64) @ direction
+        if not normalize:
+            return raw
+        return raw / np.maximum(np.linalg.norm(embeddings[r].astype(np.float64), axis=1), 1e-30)
+
+    rows, scores = _streamed_topk(store, k, scores_of)
     return _with_info(store, rows, scores, "score")
 
 

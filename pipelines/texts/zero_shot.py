@@ -6,9 +6,10 @@ mean of the unit text embeddings of its prompts, normalised again. Text embeddin
 the run's model and cached in the store (`texts.embedding_cache.cached_text_embeddings`), so evaluations and
 reductions ask the model once per task and store.
 
-Built in (the shapes world adds shapes, shapes-colour and shapes-shape through its plugin):
+Built in (the shapes world adds shapes, shapes-colour, shapes-shape and shapes-spurious through its plugin):
   imagenet       open_clip's ImageNet class names × its 80 OpenAI templates (label = class index)
   imagenet-simple the same names × open_clip's 7 simple templates
+  waterbirds     landbird, waterbird × the 80 OpenAI templates (label = y)
 """
 
 from __future__ import annotations
@@ -125,6 +126,18 @@ def _imagenet_task(templates: str) -> Callable[[], ZeroShotTask]:
 
 register_task("imagenet", _imagenet_task("openai"))
 register_task("imagenet-simple", _imagenet_task("simple"))
+
+
+def _waterbirds_task() -> ZeroShotTask:
+    """Waterbirds (`clipscope convert waterbirds`): the reference's classes × the 80 OpenAI templates;
+    the stored label is y (0 = landbird, 1 = waterbird)."""
+    from clipscope._torchvision_compat import import_open_clip
+
+    templates = import_open_clip().zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
+    return ZeroShotTask("waterbirds", ("landbird", "waterbird"), tuple(templates))
+
+
+register_task("waterbirds", _waterbirds_task)
 
 
 def default_task(store: RunStore) -> str:

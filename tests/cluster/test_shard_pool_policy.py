@@ -1,4 +1,4 @@
-"""The Ray pool's retry policy is the in-process one (issue 12 point 8): an error that says retrying
+"""The Ray pool's retry policy is the in-process one: an error that says retrying
 cannot help fails its task after one attempt; an `EnvironmentFault` stops the whole run."""
 
 from __future__ import annotations

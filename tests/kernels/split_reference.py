@@ -1,5 +1,5 @@
 """A literal, loop-by-loop re-implementation of the `split` ln_post convention (docs/methods.md), the
-test oracle of issue 20.
+test oracle of that convention.
 
 Written from the contract's words, not from the kernel: it works on the open_clip module itself
 (its weights and submodules, never a `ViTSpec`), loops over layers, heads, tokens and neurons,

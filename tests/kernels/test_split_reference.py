@@ -1,4 +1,4 @@
-"""Issue 20: the `split` convention equals the literal reference procedure of docs/methods.md term for term,
+"""The `split` convention equals the literal reference procedure of docs/methods.md term for term,
 first and second order, on tiny models whose every bias, LayerNorm gain/bias and LayerScale is random
 and non-zero (so every share matters). Kernel in float32 (and float64) against the float64 oracle
 of `split_reference.py`."""
@@ -28,7 +28,7 @@ ARRAYS = {
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest deviation relative to the largest reference value (the issue's measure)."""
+    """Largest deviation relative to the largest reference value (the measure TOL bounds)."""
     return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
@@ -93,7 +93,7 @@ def test_second_order_split_equals_the_literal_reference(randomized, name, sourc
 
 def test_every_share_matters(randomized):
     """The randomized model makes each share visible: dropping the out-projection bias from the heads,
-    or giving ln_post's offset to heads and biases as the pre-issue-20 convention did, moves the
+    or giving ln_post's offset to heads and biases as the old `split` convention did, moves the
     terms far beyond the tolerance."""
     model, spec = randomized("clipscope-tiny")
     images = _images(spec)

@@ -1,4 +1,4 @@
-"""Issue 20: `span_rank="auto"` = min(80, numerical rank of the head's statistics) keeps TextSpan's
+"""`span_rank="auto"` = min(80, numerical rank of the head's statistics) keeps TextSpan's
 picks out of float noise: they are stable under noise of 1e-7 relative to the data, where a span
 rank past the numerical rank (the reference default 80 on a narrow head) is not. An integer is used
 literally."""

@@ -22,6 +22,29 @@ PINNED = [
         "norm_histogram", "norm_bin_edges", "topk_rows", "topk_norms", "pc", "pc_explained", "evaluation")),
     "reductions/omp/layer_{layer}/m", "reductions/omp/layer_{layer}/support", "reductions/omp/layer_{layer}/coefs",
     "reductions/omp/layer_{layer}/residual_norm", "reductions/omp/layer_{layer}/accuracy",
+    # segmentation and CLIP-InterpreT
+    "masks", "direct/token_sum", "attention/layer_{layer}", "reductions/roles/label", "reductions/roles/share",
+    "reductions/roles/matches", *(f"reductions/segmentation/{{method}}/{{task}}/{leaf}" for leaf in (
+        "class_index", "correct", "labelled", "intersection", "union", "ap")),
+    # the applications
+    *(f"reductions/concepts/layer_{{layer}}/{leaf}" for leaf in ("text_index", "score", "n_active")),
+    *(f"reductions/cues/{{pair}}/{leaf}" for leaf in ("text_index", "score", "neurons")),
+    *(f"reductions/worst_group/{{task}}/{leaf}" for leaf in (
+        "group_count", "group_correct", "group_accuracy", "worst_group", "accuracy")),
+    # Rosetta Neurons
+    "maps/{layer}/values",
+    *(f"reductions/rosetta/{{name}}/units/{{model}}/{leaf}" for leaf in (
+        "layer_index", "channel", "height", "width", "mean", "std")),
+    *(f"reductions/rosetta/{{name}}/pairs/{{model}}/{leaf}" for leaf in (
+        "row_top_index", "row_top_corr", "col_top_index", "col_top_corr", "buddies", "buddy_corr", "corr")),
+    "reductions/rosetta/{name}/self/buddies", "reductions/rosetta/{name}/self/buddy_corr",
+    "reductions/rosetta/{name}/tuples/members", "reductions/rosetta/{name}/tuples/corr",
+    "reductions/rosetta/{name}/tuples/concept", "reductions/rosetta/{name}/best/unit",
+    "reductions/rosetta/{name}/best/corr", "reductions/rosetta/{name}/dictionary/example_rows",
+    "reductions/rosetta/{name}/dictionary/example_scores", "reductions/rosetta/{name}/summary/n_units",
+    # TextSpan statistics
+    *(f"reductions/head_statistics/{{norm}}/layer_{{layer}}/{leaf}" for leaf in (
+        "count", "sum", "gram", "shift", "eigenvalues", "eigenvectors")),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Issue 20: a store written under an older schema version (the old `split` convention) is refused on
+"""A store written under an older schema version (the old `split` convention) is refused on
 open with one line that says why and how to re-extract."""
 
 import json

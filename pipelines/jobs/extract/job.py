@@ -11,12 +11,14 @@ by rewriting unfinished shards whole (same bytes) and skipping finished ones.
 from __future__ import annotations
 
 import errno
+from contextlib import closing
 import json
 import logging
 import os
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Sequence
 
 import fsspec
@@ -27,6 +29,7 @@ from clipscope import __version__
 from clipscope.errors import ConfigError, DataError, EnvironmentFault, StoreError
 from clipscope.kernels.decompose import DecomposeRequest, Decomposition, decompose, folding, second_order_directions
 from clipscope.kernels.vit import ViTSpec
+from clipscope.pipelines.jobs.extract import sample_extras
 from clipscope.pipelines.jobs.extract.settings import ExtractConfig, config_differences
 from clipscope.pipelines.models.loading import LoadedModel, is_random_init, load_model, random_init_text
 from clipscope.pipelines.data.shard_counts import count_all
@@ -35,8 +38,11 @@ from clipscope.pipelines.data.webdataset_input import (
     decode_or_error,
     expand_urls,
     iter_shard_samples,
-    prefetch,
 )
+from clipscope.pipelines.data.prefetch import prefetch_batches
+from clipscope.pipelines.jobs.extract.batch_size import resolve_batch_size
+from clipscope.pipelines.jobs.extract.precision import dtype_name, forward_dtype, to_output
+from clipscope.pipelines.jobs.extract.writer import BackgroundWriter
 from clipscope.cluster.executor import Executor, open_executor
 from clipscope.cluster.progress import Progress
 from clipscope.storage.lock import acquire_lock, current_token, writer_gone
@@ -86,10 +92,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def compute_dtype(config: ExtractConfig, device: torch.device) -> torch.dtype:
-    # fp16 matmuls on CPU are slow and lossy; there fp16 is a storage format only.
-    if device.type == "cpu":
-        return torch.float32
-    return getattr(torch, config.dtype)
+    """The forward's dtype on `device` (precision.py: float16 is refused on CPU, auto is float32 there)."""
+    return forward_dtype(config.compute_dtype, config.dtype, device)
+
+
+def decode_threads(config: ExtractConfig, device: torch.device) -> int:
+    """Threads decoding inputs beside the forward: `config.decode_threads`, else 8 (at most the CPU
+    count) beside a CUDA forward and 1 beside a CPU one (whose matmuls use every core already)."""
+    if config.decode_threads is not None:
+        return config.decode_threads
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
 
 
 def build_request(config: ExtractConfig) -> DecomposeRequest:
@@ -99,6 +111,8 @@ def build_request(config: ExtractConfig) -> DecomposeRequest:
         second_order_layers=config.second_order_layers,
         activation_layers=config.activation_layers,
         convention=config.ln_convention,
+        token_sum=config.token_sum,
+        attention_layers=config.attention_layers,
     )
 
 
@@ -121,6 +135,7 @@ def store_arrays(out: Decomposition, layers: Sequence[int] | None = None) -> dic
             arrays[schema.SECOND_ORDER_SHARED.path(layer=layer)] = terms.shared
     for layer, values in out.activations.items():
         arrays[schema.ACTIVATIONS.path(layer=layer)] = values
+    arrays.update(sample_extras.decomposition_arrays(out))
     return arrays
 
 
@@ -150,6 +165,7 @@ def array_specs(config: ExtractConfig, spec: ViTSpec) -> list[ArraySpec]:
             specs.append(schema.SECOND_ORDER_SHARED.spec((d,), dt, layer=layer))
     for layer in config.activation_layers:
         specs.append(schema.ACTIVATIONS.spec((t, n), dt, layer=layer))
+    specs += sample_extras.array_specs(config, spec)
     return specs
 
 
@@ -200,6 +216,7 @@ def store_attrs(config: ExtractConfig, plan: RunPlan, loaded: LoadedModel) -> di
             "tokens": list(config.token_layers),
             "second_order": {str(l): list(range(l + 1, spec.n_layers)) for l in config.second_order_layers},
             "activations": list(config.activation_layers),
+            **({"attention": list(config.attention_layers)} if config.attention_layers else {}),
         },
         "ln_convention": config.ln_convention,
     }
@@ -320,6 +337,15 @@ def second_store_command(config: dict[str, Any], url: str) -> str:
                                ("--rows-per-chunk", "rows_per_chunk", 256)):
         if config.get(key, default) != default:
             parts += [flag, str(config[key])]
+    if config.get("masks"):
+        parts += ["--masks", shlex.quote(config["masks"])]
+    for flag, key, default in (("--mask-geometry", "mask_geometry", "preprocess"), ("--group-key", "group_key", "group")):
+        if config.get(key, default) != default:
+            parts += [flag, shlex.quote(str(config[key]))]
+    if config.get("token_sum"):
+        parts.append("--token-sum")
+    if config.get("attention_layers"):
+        parts += ["--attention-layers", *map(str, config["attention_layers"])]
     return " ".join(parts)
 
 
@@ -330,12 +356,45 @@ class ShardExtractor:
         self.config = config
         self.device = resolve_device(config.device)
         self.loaded = loaded or load_model(config.model, config.pretrained, device="cpu", seed=config.seed)
-        self.spec = self.loaded.spec.to(device=self.device, dtype=compute_dtype(config, self.device))
+        self.dtype = compute_dtype(config, self.device)
+        self.spec = self.loaded.spec.to(device=self.device, dtype=self.dtype)
         self.request = build_request(config).validated(self.spec)
         self.fold = folding(self.spec, config.ln_convention)
         self.heads_layers = list(heads_layers(config, self.spec))
+        self.batch_size = resolve_batch_size(config.batch_size, self.spec, self.request, self.dtype, self.device,
+                                             heads_layers=self.heads_layers)
+        self.decode_threads = decode_threads(config, self.device)
         self.np_dtype = np.dtype(config.dtype)
+        self.extras = sample_extras.SampleExtras.of(config, self.loaded)
         self._store: RunStore | None = None
+
+    # Hooks a subclass (e.g. `clipscope maps`) overrides to extract other arrays with the same driver.
+    @classmethod
+    def prepare(cls, config: ExtractConfig) -> LoadedModel:
+        """Load (and check) what the run extracts with, before anything is written."""
+        loaded = load_model(config.model, config.pretrained, device="cpu", seed=config.seed)
+        build_request(config).validated(loaded.spec)  # bad layers fail before anything is written
+        if config.heads_layers is not None:
+            from clipscope.kernels.vit import check_layers
+
+            check_layers(loaded.spec, config.heads_layers, "heads layers")
+        if is_random_init(loaded.identity):
+            logger.warning("%s", random_init_text(loaded.identity))
+        return loaded
+
+    @classmethod
+    def open_store(cls, config: ExtractConfig, plan: RunPlan, loaded: LoadedModel) -> RunStore:
+        return open_or_create_store(config, plan, loaded)
+
+    def array_specs(self) -> list[ArraySpec]:
+        return array_specs(self.config, self.loaded.spec)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return self.spec.dtype
+
+    def preprocess(self, raw, image) -> torch.Tensor:
+        return self.loaded.preprocess(image)
 
     @property
     def store(self) -> RunStore:
@@ -344,28 +403,33 @@ class ShardExtractor:
         return self._store
 
     def _inputs(self, task: ShardTask, shard_errors: list[str], outcome: dict[str, Any]):
+        """The shard's raw samples in tar order; its read errors land in shard_errors / outcome."""
         samples = iter_shard_samples(task.url, storage_options=self.config.storage_options or None,
                                      expected_count=task.count)
         try:
-            for raw in samples:
-                image, error = decode_or_error(raw)
-                tensor = None
-                if image is not None:
-                    try:
-                        tensor = self.loaded.preprocess(image)
-                    except Exception as err:  # a transform failing on one odd image must not stop the run
-                        error = f"sample {raw.key}: preprocessing failed: {type(err).__name__}: {err}"
-                if error is None and raw.meta_error is not None:
-                    # The image is good; only its metadata is flagged (the row stays valid).
-                    error = f"sample {raw.key}: metadata ignored, image kept: {raw.meta_error}"
-                if error is not None:
-                    logger.warning("shard %s: %s", task.url, error)
-                yield raw, tensor, error
+            yield from samples
         finally:
             samples.close()
             if samples.error:
                 shard_errors.append(samples.error)
                 outcome.update(lost=samples.lost, unreadable=samples.unreadable)
+
+    def _prepare(self, task: ShardTask, raw) -> tuple[Any, torch.Tensor | None, str | None]:
+        """(raw, image tensor or None, error or None): one sample decoded and preprocessed, on a CPU
+        thread of the prefetch queue (`pipelines/data/prefetch.py`) while the forward runs."""
+        image, error = decode_or_error(raw)
+        tensor = None
+        if image is not None:
+            try:
+                tensor = self.preprocess(raw, image)
+            except Exception as err:  # a transform failing on one odd image must not stop the run
+                error = f"sample {raw.key}: preprocessing failed: {type(err).__name__}: {err}"
+        if error is None and raw.meta_error is not None:
+            # The image is good; only its metadata is flagged (the row stays valid).
+            error = f"sample {raw.key}: metadata ignored, image kept: {raw.meta_error}"
+        if error is not None:
+            logger.warning("shard %s: %s", task.url, error)
+        return raw, tensor, error
 
     def process(self, task: ShardTask) -> dict[str, Any]:
         """Extract one shard into its rows; returns its done record. A full or read-only store
@@ -384,66 +448,75 @@ class ShardExtractor:
     def _process(self, task: ShardTask) -> dict[str, Any]:
         started = time.time()
         rpc = self.config.rows_per_chunk
-        shapes = {s.name: s.shape_tail for s in array_specs(self.config, self.loaded.spec)}
+        specs = self.array_specs()
+        shapes = {s.name: s.shape_tail for s in specs}
+        dtypes = {s.name: np.dtype(s.dtype) for s in specs}  # the run's dtype, masks uint8
         chunks: dict[int, dict[str, np.ndarray]] = {}
         valid = np.zeros(task.capacity, dtype=bool)
         index_rows: list[dict[str, Any]] = []
         shard_errors: list[str] = []
         outcome: dict[str, Any] = {"lost": 0, "unreadable": False}
         token = current_token(self.store.location)  # the run's lock: its holder must outlive every write
-        batch: list[tuple[int, torch.Tensor]] = []
         flushed = 0  # chunks [0, flushed) of this block are written
 
         def chunk(c: int) -> dict[str, np.ndarray]:
             if c not in chunks:
-                chunks[c] = {name: np.zeros((rpc, *tail), self.np_dtype) for name, tail in shapes.items()}
+                chunks[c] = {name: np.zeros((rpc, *tail), dtypes[name]) for name, tail in shapes.items()}
             return chunks[c]
 
+        def write_chunk(start: int, arrays: dict[str, np.ndarray], mask: np.ndarray) -> None:
+            self._check_writer(task, token)
+            self.store.write_rows(start, arrays, mask)
+
         def flush(upto_row: int) -> None:
+            # Whole chunks go to the background writer: the next forwards run while they are written.
             nonlocal flushed
             while (flushed + 1) * rpc <= upto_row:
-                self._check_writer(task, token)
                 rows = slice(flushed * rpc, (flushed + 1) * rpc)
-                self.store.write_rows(task.start + rows.start, chunk(flushed), valid[rows])
+                writer.submit(partial(write_chunk, task.start + rows.start, chunk(flushed), valid[rows].copy()))
                 chunks.pop(flushed, None)
                 flushed += 1
 
-        def run_batch() -> None:
-            if not batch:
-                return
-            images = torch.stack([t for _, t in batch]).to(self.device, self.spec.dtype)
-            out = self._outputs(images)
-            for j, (row, _) in enumerate(batch):
-                buffer = chunk(row // rpc)
+        def run_batch(images: torch.Tensor, rows: list[int]) -> None:
+            # A pinned batch (CUDA) copies asynchronously; the queue decodes the next batches meanwhile.
+            out = self._outputs(images.to(self.device, non_blocking=True).to(self.input_dtype))
+            for lo, hi in consecutive_runs(rows, rpc):  # one copy per run of consecutive rows in one chunk
+                buffer, first = chunk(rows[lo] // rpc), rows[lo] % rpc
                 for name, values in out.items():
-                    buffer[name][row % rpc] = values[j]
-            batch.clear()
+                    buffer[name][first:first + hi - lo] = values[lo:hi]
 
         n_seen = 0
-        inputs = self._inputs(task, shard_errors, outcome)
-        for raw, tensor, error in prefetch(inputs, depth=2 * self.config.batch_size):
-            row = raw.index_in_shard
-            n_seen = row + 1
-            valid[row] = tensor is not None
-            index_rows.append({"row": task.start + row, "key": raw.key, "shard": task.url, "shard_index": task.index,
-                               "label": raw.label, "caption": raw.caption, "error": error})
-            if tensor is not None:
-                batch.append((row, tensor))
-            if len(batch) >= self.config.batch_size:
-                run_batch()
-                flush(row + 1)
-        if outcome["unreadable"]:
-            # Nothing of it was read and no row was written: a failed shard, not a done one.
-            raise UnreadableShardError(f"{task.url} is {shard_errors[0]}")
-        run_batch()
-        flush(task.capacity)
+        batches = prefetch_batches(self._inputs(task, shard_errors, outcome), batch_size=self.batch_size, depth=2,
+                                   transform=lambda raw: self._prepare(task, raw), image_of=lambda item: item[1],
+                                   threads=self.decode_threads, pin_memory=self.device.type == "cuda")
+        # A failure stops the decoding threads and drops the waiting chunk writes: the retry rewrites them.
+        with BackgroundWriter(depth=2) as writer, closing(batches):
+            for batch in batches:
+                for raw, tensor, error in batch.items:
+                    row = raw.index_in_shard
+                    n_seen = row + 1
+                    valid[row] = tensor is not None
+                    index_rows.append({"row": task.start + row, "key": raw.key, "shard": task.url,
+                                       "shard_index": task.index, "label": raw.label, "caption": raw.caption,
+                                       "error": error, "group": self.extras.group(raw)})
+                    if tensor is not None:
+                        for name, value in self.extras.rows(raw).items():  # masks: no forward needed
+                            chunk(row // rpc)[name][row % rpc] = value
+                if batch.images is not None:
+                    rows = [batch.items[p][0].index_in_shard for p in batch.positions]
+                    run_batch(batch.images, rows)
+                    flush(rows[-1] + 1)  # every row before it is final: whole chunks up to it can be written
+            if outcome["unreadable"]:
+                # Nothing of it was read and no row was written: a failed shard, not a done one.
+                raise UnreadableShardError(f"{task.url} is {shard_errors[0]}")
+            flush(task.capacity)
         self.store.write_samples_part(task.index, index_rows)
         n_valid = int(valid.sum())
         return {
             "index": task.index, "url": task.url, "start": task.start, "capacity": task.capacity,
             "count": n_seen, "expected": task.count, "valid": n_valid,
             "errors": n_seen - n_valid + len(shard_errors), "shard_errors": shard_errors,
-            "lost": outcome["lost"], "forward": this_forward(self.device),
+            "lost": outcome["lost"], "forward": this_forward(self.device, self.dtype),
             "seconds": round(time.time() - started, 3), "host": socket.gethostname(),
             "checksum": self.store.rows_checksum(task.start, task.capacity),
         }
@@ -459,13 +532,25 @@ class ShardExtractor:
 
     def _outputs(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         out = store_arrays(decompose(self.spec, images, self.request, fold=self.fold), self.heads_layers)
-        return {name: value.float().cpu().numpy().astype(self.np_dtype) for name, value in out.items()}
+        return {name: to_output(value, self.np_dtype) for name, value in out.items()}
 
 
-def this_forward(device: torch.device) -> dict[str, Any]:
-    """What decides a forward's float bytes besides the inputs: the device, and on CPU torch's thread
-    count (a 1-CPU Ray actor computes with 1 thread, this process with all of its)."""
-    return {"device": device.type, "threads": torch.get_num_threads() if device.type == "cpu" else None}
+def consecutive_runs(rows: Sequence[int], rows_per_chunk: int) -> list[tuple[int, int]]:
+    """[lo, hi) index ranges of `rows` (increasing) holding consecutive rows of one chunk each."""
+    runs, lo = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1 or rows[i] // rows_per_chunk != rows[lo] // rows_per_chunk:
+            runs.append((lo, i))
+            lo = i
+    return runs
+
+
+def this_forward(device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """What decides a forward's float bytes besides the inputs: the device, on CPU torch's thread
+    count (a 1-CPU Ray actor computes with 1 thread, this process with all of its), and the forward's
+    dtype when it is not float32 (records written before `--compute-dtype` existed have none)."""
+    forward = {"device": device.type, "threads": torch.get_num_threads() if device.type == "cpu" else None}
+    return forward if dtype == torch.float32 else {**forward, "dtype": dtype_name(dtype)}
 
 
 class ForwardCheck:
@@ -487,14 +572,15 @@ class ForwardCheck:
             raise StoreError(
                 f"{what} computes on {_describe_forward(forward)}, the done shards of {self.url} on "
                 f"{_describe_forward(self.expected)}: their rows would match neither run; resume the way the "
-                "store was started (in-process, or with --workers), or with the same thread count "
-                "(OMP_NUM_THREADS / torch.set_num_threads)"
+                "store was started (in-process, or with --workers), with the same --compute-dtype, or with the same "
+                "thread count (OMP_NUM_THREADS / torch.set_num_threads)"
             )
 
 
 def _describe_forward(forward: dict[str, Any]) -> str:
     threads = forward.get("threads")
-    return forward.get("device", "?") + ("" if threads is None else f" with {threads} torch thread(s)")
+    return (forward.get("device", "?") + ("" if threads is None else f" with {threads} torch thread(s)")
+            + (f" in {forward['dtype']}" if forward.get("dtype") else ""))
 
 
 @dataclass(frozen=True)
@@ -547,16 +633,11 @@ def run_extract(config: ExtractConfig, *, progress_display: str = "auto",
     started = time.time()
     # Cheap checks of the machine first: nothing is planned, loaded or written when they fail.
     check_writable_target(config.out, "--out", folder=True)
-    resolve_device(config.device)
+    device = resolve_device(config.device)
+    if not config.uses_ray or config.device == "cpu":  # Ray actors may see a GPU the driver lacks
+        compute_dtype(config, device)  # float16 on CPU is refused here, before anything is written
     plan = plan_run(config)
-    loaded = load_model(config.model, config.pretrained, device="cpu", seed=config.seed)
-    build_request(config).validated(loaded.spec)  # bad layers fail before anything is written
-    if config.heads_layers is not None:
-        from clipscope.kernels.vit import check_layers
-
-        check_layers(loaded.spec, config.heads_layers, "heads layers")
-    if is_random_init(loaded.identity):
-        logger.warning("%s", random_init_text(loaded.identity))
+    loaded = extractor_class.prepare(config)
     if executor is None:
         with open_executor(config.workers, config.address, progress=progress_display) as opened:
             return _run_on(opened, config, plan, loaded, started, progress_display, extractor_class)
@@ -575,7 +656,7 @@ def _run_on(executor: Executor, config, plan, loaded, started, progress_display,
 def _run(config, plan, loaded, started, progress_display, executor: Executor, extractor_class) -> ExtractSummary:
     options = config.storage_options or None
     with acquire_lock(config.out, options, owner="clipscope extract"):
-        store = open_or_create_store(config, plan, loaded)
+        store = extractor_class.open_store(config, plan, loaded)
         records = store.shard_records(stage="extract")
         done = {i for i, r in records.items() if r.get("status") == "done"}
         failed_before = {i: r for i, r in records.items() if r.get("status") == "failed"}
@@ -586,7 +667,8 @@ def _run(config, plan, loaded, started, progress_display, executor: Executor, ex
         failures: list[tuple[int, str]] = []
         forward = ForwardCheck(store.url, [records[i] for i in done])
         if not executor.is_ray and pending:
-            forward.check(this_forward(resolve_device(config.device)), "this in-process run")
+            device = resolve_device(config.device)
+            forward.check(this_forward(device, compute_dtype(config, device)), "this in-process run")
 
         def on_result(task: ShardTask, record: dict[str, Any]) -> None:
             forward.check(record.get("forward"), f"shard {task.index}")  # before its done record

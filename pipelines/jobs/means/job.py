@@ -136,7 +136,7 @@ def head_positions(store: RunStore, layers: Sequence[int]) -> list[int]:
 
 
 @dataclass(frozen=True)
-class _HeadStatsBlock:
+class HeadStatsBlock:
     """Picklable map function: TextSpan statistics of every (layer, head) over one block's valid rows."""
 
     store: RunStore
@@ -153,7 +153,7 @@ class _HeadStatsBlock:
         return [[textspan_stats(c[:, i, h]) for h in range(c.shape[2])] for i in range(c.shape[1])]
 
 
-def _merge_head_stats(a, b):
+def merge_head_stats(a, b):
     return [[merge_stats(x, y) for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
 
 
@@ -164,5 +164,5 @@ def head_statistics(store: RunStore, layers: Sequence[int], *, normalize: bool =
     `normalize` divides each image's head terms by ‖image_embedding‖, as the reference code does.
     """
     positions = tuple(head_positions(store, layers))
-    return reduce_rows(executor, store, row_blocks(store), _HeadStatsBlock(store, positions, normalize),
-                       _merge_head_stats, desc="textspan statistics")
+    return reduce_rows(executor, store, row_blocks(store), HeadStatsBlock(store, positions, normalize),
+                       merge_head_stats, desc="textspan statistics")

@@ -3,7 +3,7 @@
 `run` approximates the unit PC r_n of every neuron of a layer (`reductions/second_order/
 layer_{l}/pc`, written by the second-order job) by m atoms of a text dictionary with orthogonal
 matching pursuit, no intercept (sklearn `orthogonal_mp_gram` semantics), for several m from one
-greedy run at the largest m (`kernels.omp.omp_path`). The dictionary is the pool's unit text
+greedy run at the largest m (`kernels.omp.dictionary_omp_path`). The dictionary is the pool's unit text
 embeddings (cached in the store), or with `reference_preprocessing` the reference code's
 dictionary (`kernels.omp.reference_dictionary`); the preprocessing changes the atoms only: the
 target stays r_n and the reconstruction r̂_n = Σ γ_j X_j is a vector of the same space (the
@@ -25,7 +25,7 @@ import torch
 
 from clipscope.cluster.executor import Executor, LocalExecutor
 from clipscope.errors import ConfigError, StoreError
-from clipscope.kernels.omp import omp_path, path_reconstruction, reference_dictionary
+from clipscope.kernels.omp import dictionary_omp_path, path_reconstruction, reference_dictionary
 from clipscope.kernels.zero_shot import count_correct
 from clipscope.pipelines.jobs.means.job import current_means, reduce_rows, row_blocks
 from clipscope.pipelines.jobs.neurons.result import ReconstructionAccuracy, Result, accuracy_name
@@ -38,7 +38,7 @@ from clipscope.storage.layout import row_slices
 from clipscope.storage.results import RESULT_ATTR, Reduction, begin_reduction, settings_digest
 from clipscope.storage.store import RunStore
 
-NEURONS_PER_BLOCK = 128  # bounds the [block, m, m] and [block, m, embed] gathers
+NEURONS_PER_BLOCK = 128  # bounds the [sparsity, block, embed] reconstructions
 
 
 def run(store: RunStore, settings: Settings, executor: Executor | None = None, *,
@@ -113,19 +113,17 @@ class _OMPTask:
     sparsities: tuple[int, ...]
 
     def __call__(self, neurons: slice) -> dict[str, np.ndarray]:
+        # One greedy run at the largest m for every neuron of the range (every smaller m read off it);
+        # the Gram rows of the picked atoms are formed once and shared by all of them.
         x = torch.from_numpy(self.atoms)
-        gram = x @ x.T
-        parts: dict[str, list[np.ndarray]] = {"support": [], "coefs": [], "residual_norm": []}
-        for block in row_slices(neurons.stop - neurons.start, NEURONS_PER_BLOCK):
-            rows = slice(neurons.start + block.start, neurons.start + block.stop)
-            y = torch.from_numpy(self.pcs[rows])
-            path = omp_path(gram, y @ x.T, self.sparsities)
-            recon = path_reconstruction(x, path.support, path.coef)
-            parts["support"].append(path.support.numpy())
-            parts["coefs"].append(path.coef.numpy())
-            parts["residual_norm"].append((y[None] - recon).norm(dim=-1).T.numpy())
-        return {"support": np.concatenate(parts["support"]), "coefs": np.concatenate(parts["coefs"], axis=1),
-                "residual_norm": np.concatenate(parts["residual_norm"])}
+        y = torch.from_numpy(self.pcs[neurons])
+        path = dictionary_omp_path(x, y, self.sparsities)
+        residual = []
+        for block in row_slices(y.shape[0], NEURONS_PER_BLOCK):
+            recon = path_reconstruction(x, path.support[block], path.coef[:, block])
+            residual.append((y[block][None] - recon).norm(dim=-1).T.numpy())
+        return {"support": path.support.numpy(), "coefs": path.coef.numpy(),
+                "residual_norm": np.concatenate(residual)}
 
 
 def _solve(reduction: Reduction, layer: int, pool: TextPool, pcs: np.ndarray, sparsities: tuple[int, ...],

@@ -9,6 +9,10 @@ Span rank: `--span-rank auto` (the default) projects each head's texts on min(80
 the head's statistics) singular directions, so that no direction is float noise (a ViT-B head has rank
 ≤ 66 < 80); one warning line says when that is below the reference code's 80. An integer is used
 literally (`--span-rank 80` reproduces the reference code).
+
+The heads' statistics (K, ΣC, ΣCᵀC) come from the stored reduction `reductions/head_statistics/…`
+(`statistics.stored_head_statistics`): streamed out of the rows and stored on the first run, read back by
+every later one (another pool, m or span rank), updated from the new shards' rows when the store grew.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from clipscope.kernels.textspan import (
 )
 from clipscope.pipelines.models.loading import LoadedModel
 from clipscope.pipelines.texts.embedding_cache import cached_text_embeddings
-from clipscope.pipelines.jobs.means.job import head_statistics
 from clipscope.pipelines.jobs.textspan.result import ARRAYS, Result, layer_group, read_layer, resolve
 from clipscope.pipelines.jobs.textspan.settings import TextSpanSettings
+from clipscope.pipelines.jobs.textspan.statistics import stored_head_statistics
 from clipscope.storage import schema
 from clipscope.storage.results import begin_reduction
 from clipscope.storage.store import RunStore
@@ -99,7 +103,8 @@ def _search_layers(store: RunStore, layers: Sequence[int], embeddings: np.ndarra
                    rank_rtol: float, executor: Executor | None) -> dict[int, dict[str, np.ndarray]]:
     """The greedy search for every head of `layers`: per layer, the stacked picks of its heads."""
     executor = executor if executor is not None else LocalExecutor()
-    stats = head_statistics(store, layers, normalize=settings.normalize, executor=executor)
+    stats = stored_head_statistics(store, layers, normalize=settings.normalize, executor=executor,
+                                   allow_incomplete=settings.allow_incomplete, force=settings.force)
     flat = [s for per_layer in stats for s in per_layer]
     search = _HeadSearch(embeddings, settings.basis_size, settings.span_rank, rank_rtol)
     results = executor.fan_out(search, flat, desc="textspan search", unit="heads")

@@ -190,6 +190,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         data=(str(data_dir),), out=str(out / "store"), model=SHAPES_MODEL, pretrained=pretrained,
         token_layers=(n_layers - 1,), second_order_layers=(neuron_layer,), workers=config.workers,
         rows_per_chunk=64, batch_size=32,
+        masks="mask.png", token_sum=True, attention_layers=(n_layers - 1,),  # for segmentation, maps
     )
     layers = list(range(n_layers - config.textspan_layers, n_layers))
     task = get_task("shapes")
@@ -210,6 +211,18 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         neuron_settings = neuron_job.Settings(layer=neuron_layer, texts=tuple(pool.texts), pool_name=pool.name,
                                               m=(1, 2, 4, 8), task=task.name)
         neuron_omp = neuron_job.run(store, neuron_settings, executor, loaded=loaded)
+        # the spurious-cue table and a neuron-segmentation overlay, on small stores of their own
+        from clipscope.pipelines.worlds.shapes.applications import run_applications
+
+        application_lines, _ = run_applications(out, executor, pretrained)
+        # Rosetta Neurons over the shapes zoo (oracle × shapes CLIP × shapes CNN), stores of its own
+        from clipscope.pipelines.worlds.shapes.rosetta_zoo import demo_step
+
+        rosetta_lines = demo_step(store.url, str(data_dir), out, executor)
+        # CLIP-InterpreT: head roles (heat map), topic and contrastive overlays, the segmentation table
+        from clipscope.pipelines.worlds.shapes.interpret_demo import demo_section
+
+        interpret_lines = demo_section(store, loaded, out, seed=config.seed, executor=executor)
     shown = _top_neurons(store, neuron_layer, config.neurons_shown)
     neuron_table = neuron_report.neuron_table(
         neuron_omp, pool, m=config.neuron_texts, top=config.neuron_texts, neurons=shown,
@@ -248,6 +261,9 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
                f"explore: clipscope status {store.url}; clipscope query {store.url} text --layer {layers[-1]} "
                f"--head 0 --text 'a red circle'; clipscope neurons {store.url} --layer {neuron_layer} "
                f"--pool shapes-all --m 4"]
+    report[-2:-2] = ["Applications of the decompositions:", *application_lines, ""]  # before "files:"
+    report[-2:-2] = [*rosetta_lines, ""]  # Rosetta Neurons, before "files:"
+    report[-2:-2] = [*interpret_lines, ""]  # CLIP-InterpreT, before "files:"
     text = "\n".join(report)
     (out / "report.txt").write_text(text + "\n")
     print(text)

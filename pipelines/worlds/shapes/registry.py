@@ -70,3 +70,37 @@ def register() -> None:
     register_task("shapes", _shapes_task("label"), replace=True)
     register_task("shapes-colour", _shapes_task("colour"), replace=True)
     register_task("shapes-shape", _shapes_task("shape"), replace=True)
+    _register_tags()
+    _register_zoo()
+
+
+def _register_zoo() -> None:
+    """The world's Rosetta zoo models for `clipscope maps --zoo` (Rosetta Neurons)."""
+    from clipscope.pipelines.jobs.maps.zoo import register_zoo_model
+    from clipscope.pipelines.worlds.shapes import cnn, oracle
+
+    register_zoo_model("shapes-oracle", oracle.oracle, replace=True)
+    register_zoo_model("shapes-cnn", cnn.shapes_cnn, replace=True)
+    register_zoo_model("shapes-cnn-random", cnn.shapes_cnn_random, replace=True)
+    from clipscope.pipelines.worlds.shapes import spurious  # the shapes-spurious task
+
+    spurious.register()
+
+
+def _tags() -> dict[str, str]:
+    """Every attribute text of the world → its property (the pool it comes from); distractors untagged."""
+    tags: dict[str, str] = {}
+    for attribute in ("colours", "shapes", "positions", "sizes", "counts"):
+        for text in _shapes(attribute)():
+            tags.setdefault(text, attribute)
+    return tags
+
+
+def _register_tags() -> None:
+    """Property tags of the world's pools for `clipscope roles`: shapes-all, each attribute pool,
+    and the demo's vocabulary."""
+    from clipscope.pipelines.texts.tags import register_tags
+
+    for pool in ("shapes-all", "shapes-vocabulary", *(f"shapes-{a}" for a in ("colours", "shapes", "positions",
+                                                                              "sizes", "counts"))):
+        register_tags(pool, _tags, replace=True)

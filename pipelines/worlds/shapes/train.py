@@ -183,7 +183,7 @@ def keep_last_embedding(visual: torch.nn.Module, tap: ClassTokenTap, embedding: 
     ln_post (μ, σ of the sample's own final residual) folds into P̃ = diag(γ)P. `shares="split"`
     (docs/methods.md, the reference code's): a layer's heads sum to its whole attention write (the
     out-projection bias lives inside the heads) and carry 1/K₁ of the offset Pᵀβ − (μ/σ)Pᵀγ, as does
-    each MLP (K₁ = 2L + 1). `shares="split-v1"`: the shares before issue 20 (heads without the
+    each MLP (K₁ = 2L + 1). `shares="split-v1"`: the old `split` shares (heads without the
     out-projection bias, each of K = 1 + 2L + LH components carrying 1/K), the objective the shipped
     checkpoint was trained with, kept so that `train --check` reproduces it. The mean is a constant
     (detached), as the dataset mean is at evaluation.

@@ -34,7 +34,7 @@ def store_values(url: str, name: str) -> np.ndarray:
 # Bad extract flags
 
 BAD_FLAGS = [
-    (["--batch-size", "0"], "--batch-size must be an integer ≥ 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be an integer ≥ 1 or 'auto', got 0"),
     (["--rows-per-chunk", "-4"], "--rows-per-chunk must be an integer ≥ 1, got -4"),
     (["--ln-convention", "mean"], "--ln-convention must be split or center, got 'mean'"),
     (["--dtype", "int8"], "--dtype must be one of float16, float32, got 'int8'"),
@@ -69,7 +69,7 @@ def test_the_installed_entry_point_reports_errors_the_same_way(tmp_path):
     result = subprocess.run([sys.executable, "-m", "clipscope.pipelines.cli", "extract", "x.tar", "--out", str(out),
                              "--model", TINY_MODEL, "--batch-size", "0"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == "clipscope extract: error: --batch-size must be an integer ≥ 1, got 0"
+    assert result.stderr.strip() == "clipscope extract: error: --batch-size must be an integer ≥ 1 or 'auto', got 0"
     assert not out.exists()
 
 
@@ -147,7 +147,7 @@ def test_query_text_and_neuron_print_top_k_tables(split_store, capsys, fast_mode
     assert run_cli("query", split_store, "text", "--layer", "3", "--head", "1", "--text", "a red circle",
                    "-k", "4") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["row", "key", "shard", "shard_index", "label", "caption", "error", "score"]
+    assert lines[0].split() == ["row", "key", "shard", "shard_index", "label", "caption", "error", "group", "score"]
     assert len(lines) == 2 + 4
     scores = [float(line.split()[-1]) for line in lines[2:]]
     assert scores == sorted(scores, reverse=True)

@@ -1,6 +1,6 @@
-"""Environment and file-system faults give one line and a documented exit code, never a traceback
-(issue 12 point 6), and the lesser reliability points of issue 12 (8): --device cuda without CUDA,
-SIGTERM, the stale lock, `status --verify`, export destinations (5), one retry policy."""
+"""Environment and file-system faults give one line and a documented exit code, never a traceback,
+and the lesser reliability points: --device cuda without CUDA, SIGTERM, the stale lock,
+`status --verify`, export destinations, one retry policy."""
 
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def test_device_cuda_without_cuda_fails_before_the_store_exists(shards, tmp_path
 
 
 # ----------------------------------------------------------------------------------------------
-# export destinations (point 5)
+# export destinations
 
 
 def test_export_refuses_an_existing_path_unless_overwrite(finished, tmp_path, capsys):

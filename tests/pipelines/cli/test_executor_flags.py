@@ -10,7 +10,9 @@ import pytest
 from clipscope.pipelines.cli import build_parser, main
 from clipscope.pipelines.cli._executor_args import ADDRESS_HELP, WORKERS_HELP
 
-WORKING_COMMANDS = ("extract", "textspan", "evaluate", "second-order", "neurons", "demo")
+WORKING_COMMANDS = ("extract", "textspan", "evaluate", "second-order", "neurons", "demo",
+                    "concepts", "cues", "worst-group",  # the applications
+                    "roles", "segment")  # CLIP-InterpreT, segmentation
 # the arguments each command needs besides the flag under test (a store that does not exist: the flags
 # are checked before it is opened)
 REQUIRED = {
@@ -20,6 +22,11 @@ REQUIRED = {
     "second-order": ["/nonexistent/store", "--layer", "1"],
     "neurons": ["/nonexistent/store", "--layer", "1"],
     "demo": ["--out", "/nonexistent/demo"],
+    "concepts": ["/nonexistent/store", "--layer", "1"],
+    "cues": ["/nonexistent/store", "--true", "star", "--wrong", "heart"],
+    "worst-group": ["/nonexistent/store", "--task", "shapes"],
+    "roles": ["/nonexistent/store"],
+    "segment": ["/nonexistent/store"],
 }
 
 

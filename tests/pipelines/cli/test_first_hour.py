@@ -1,4 +1,4 @@
-"""A new user's first hour (issue 13): unlabelled photos, honest defaults and warnings, chance levels,
+"""A new user's first hour: unlabelled photos, honest defaults and warnings, chance levels,
 readable status and help, a README that stands alone."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shards that cannot be read whole (issue 12 point 1): how many samples are lost and why, files
+"""Shards that cannot be read whole: how many samples are lost and why, files
 that are not tar archives at all, zstd-compressed shards, and shard files' permissions."""
 
 from __future__ import annotations

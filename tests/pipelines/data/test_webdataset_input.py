@@ -252,7 +252,7 @@ def test_sample_fields_from_members(tmp_path):
     assert (c.image_bytes, c.label, c.caption) == (b"W", None, "text key")
     assert (d.image_bytes, d.caption, d.error) == (None, "only text", "no image member")
     assert decode_or_error(d) == (None, "sample d: no image member")
-    # A bad cls or json member flags the metadata and keeps the good image (issue 12 point 8).
+    # A bad cls or json member flags the metadata and keeps the good image.
     assert e.error is None and e.label is None and e.image_bytes == png
     assert "cls member is not an integer" in e.meta_error and "json member is not an object" in e.meta_error
     image, error = decode_or_error(e)

@@ -1,4 +1,4 @@
-"""Shard-level losses are surfaced (issue 12 point 1): a truncated tar, files that are not tar
+"""Shard-level losses are surfaced: a truncated tar, files that are not tar
 archives (zero bytes, random bytes), a stale img2dataset `_stats.json` and a `.tar.zst` shard.
 Each lossy shard gets a warning line at run time; the run's summary, `clipscope status` and
 `status --json` count the samples lost per shard with the reason; the exit code is 3 (data not

@@ -1,4 +1,4 @@
-"""Resume compares what a run names, not how it was typed (issue 12 point 4): shards by their
+"""Resume compares what a run names, not how it was typed: shards by their
 resolved identity (relative or absolute, from another working directory, a folder or its list of
 tars, `file://` URLs), a checkpoint by its sha256 (not its path); a real difference is named in one
 short line (the first differing shard, the counts)."""
@@ -91,7 +91,7 @@ def test_the_same_checkpoint_by_another_path_resumes(tmp_path, model_cache, fast
 
 def test_a_resume_with_another_forward_thread_count_is_refused(tmp_path, fast_models, capsys, monkeypatch):
     """Rows of a 1-thread forward (a Ray actor's) and a 2-thread one (in-process) differ in their last
-    bits; a store mixing them would match neither run, so the mix is refused (issue 12 point 8)."""
+    bits; a store mixing them would match neither run, so the mix is refused."""
     data = write_tiny_shards(tmp_path / "shards", (3, 2), seed=9)
     store = tmp_path / "store.zarr"
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)

@@ -1,4 +1,4 @@
-"""Issue 20 through a store: what `clipscope extract --ln-convention split` writes equals the literal,
+"""The `split` convention through a store: what `clipscope extract --ln-convention split` writes equals the literal,
 loop-by-loop reference procedure of docs/methods.md (tests/kernels/split_reference.py), first and second
 order, on a tiny model whose every bias, LayerNorm gain/bias and LayerScale is random and non-zero;
 and a store written under the previous schema (the old `split`) is refused with a one-line message

@@ -50,14 +50,57 @@ def _neurons(store: RunStore) -> Any:
                                        accuracy=False)
 
 
+def _concepts(store: RunStore) -> Any:  # the applications
+    get_job("neurons").run(store, _neurons(store))
+    return get_job("concepts").Settings(layer=LAYER, top=3)
+
+
+def _cues(store: RunStore) -> Any:  # the applications
+    get_job("neurons").run(store, _neurons(store))
+    return get_job("cues").Settings(true="red", wrong="blue", layers=(LAYER,), neurons=5, words=3)
+
+
+def _worst_group(store: RunStore) -> Any:  # the session store's samples get groups first
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    samples = store.read_samples()
+    rows = samples.column("row").to_numpy()
+    for column, values in (("group", rows % 2), ("label", rows // 2 % 2)):  # 2 classes × 2 groups
+        samples = samples.set_column(samples.column_names.index(column), column, pa.array(values, pa.int64()))
+    pq.write_table(samples, f"{store.url}/samples.parquet")
+    return get_job("worst-group").Settings(task="shapes-spurious", heads=("L3H0",), keep_last=1)
+
+
+def _roles(store: RunStore) -> Any:  # CLIP-InterpreT
+    get_job("textspan").run(store, _textspan(store))
+    return get_job("roles").Settings()
+
+
+def _segment(store: RunStore) -> Any:  # the session store has no masks; add some
+    from clipscope.storage import schema
+
+    store.add_arrays([schema.MASKS.spec((64, 64))])
+    masks = np.random.default_rng(0).integers(0, 3, (store.n_rows, 64, 64)).astype(np.uint8)
+    store.write_rows(0, {schema.MASKS.path(): masks}, None)
+    return get_job("segment").Settings(method="random", task="shapes-colour")
+
+
 # job NAME → settings for a copy of the session store (running what the job needs first)
 EXAMPLES: dict[str, Callable[[RunStore], Any]] = {
+    "concepts": _concepts,
+    "roles": _roles,
+    "segment": _segment,
+    "cues": _cues,
+    "worst-group": _worst_group,
     "means": lambda store: get_job("means").Settings(),
     "textspan": _textspan,
     "textspan --curve": _curve,
     "neurons": _neurons,
     "evaluate": lambda store: get_job("evaluate").Settings(task="imagenet-simple", keep_last=(1,)),
     "second-order": lambda store: get_job("second-order").Settings(layer=LAYER, top_k=4, task="imagenet-simple"),
+    # Rosetta: the store's CLIP activation maps against themselves (a store is row-aligned with itself)
+    "rosetta": lambda store: get_job("rosetta").Settings(others=(store.url,), k=2, self_k=2, tile=64, examples=3),
 }
 
 
@@ -73,7 +116,7 @@ def test_jobs_are_discovered():
 
     packages = {info.name for info in pkgutil.iter_modules(jobs_package.__path__) if info.ispkg}
     named = {get_job(name).__name__.split(".")[3] for name in jobs}
-    assert packages - named == {"extract"}
+    assert packages - named == {"extract", "maps"}  # maps: per-sample rows through extraction's driver
 
 
 @pytest.mark.parametrize("name", list_jobs())

@@ -46,6 +46,10 @@ REDUCTIONS = {
                 ["neurons", "--layer", str(LAYER), "--pool", "shapes-colours", "--m", "2", "--no-accuracy"],
                 [["second-order", "--layer", str(LAYER), "--top-k", "5", "--no-evaluation"]]),
     "means": ("reductions/means", None, []),
+    # the applications
+    "concepts": (f"reductions/concepts/layer_{LAYER}", ["concepts", "--layer", str(LAYER), "--top", "3"],
+                 [["second-order", "--layer", str(LAYER), "--top-k", "5", "--no-evaluation"],
+                  ["neurons", "--layer", str(LAYER), "--pool", "shapes-all", "--m", "2", "--no-accuracy"]]),
 }
 
 # Runs in a subprocess: counts array writes under GROUP; at the COUNT-th one, MODE "kill" SIGKILLs the
@@ -282,7 +286,7 @@ def test_means_noop_and_stale_after_new_extraction(fresh, caplog):
 
 
 # ----------------------------------------------------------------------------------------------
-# Incomplete stores (issue "nothing lost, nothing hidden" point 2)
+# Incomplete stores: nothing lost, nothing hidden
 
 
 def unfinish(path: str, shard: int) -> None:

@@ -1,4 +1,4 @@
-"""Issue 20: the TextSpan job's `--span-rank auto` (the default) is min(80, each head's numerical rank),
+"""The TextSpan job's `--span-rank auto` (the default) is min(80, each head's numerical rank),
 with one warning line when that is below 80; an explicit integer is used literally."""
 
 import logging

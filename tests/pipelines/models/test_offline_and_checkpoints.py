@@ -1,6 +1,5 @@
-"""Offline, a hub tag fails in seconds with one line (issue 12 point 7); a local-dir: model names
-its bad path; reductions say which checkpoint they load and refuse one that is not a regular file
-(point 8)."""
+"""Offline, a hub tag fails in seconds with one line; a local-dir: model names
+its bad path; reductions say which checkpoint they load and refuse one that is not a regular file."""
 
 from __future__ import annotations
 

@@ -99,12 +99,12 @@ def test_top_images_for_text_equals_brute_force(split_store, model_cache, layer,
     heads = zarr_values(split_store, "direct/heads")[:, layer, head].astype(np.float64)
     valid = zarr_values(split_store, "valid")
     rows, scores = brute_top(heads @ text_direction(loaded, TEXT), valid, 5)
-    table = queries.top_images_for_text(store, layer, head, TEXT, k=5, loaded=loaded)
+    table = queries.top_images_for_text(store, layer, head, TEXT, k=5, loaded=loaded, normalize=False)
     np.testing.assert_array_equal(table["row"].to_numpy(), rows)
     np.testing.assert_allclose(table["score"].to_numpy(), scores, rtol=1e-6, atol=1e-9)
     assert table["key"].to_pylist() == [f"s{r // 8}-{r % 8:03d}" for r in rows]
     # More than there are: every valid row once.
-    everything = queries.top_images_for_text(store, layer, head, TEXT, k=100, loaded=loaded)
+    everything = queries.top_images_for_text(store, layer, head, TEXT, k=100, loaded=loaded, normalize=False)
     assert sorted(everything["row"].to_pylist()) == np.flatnonzero(valid).tolist()
 
 
@@ -112,6 +112,18 @@ def test_top_images_for_text_loads_the_stores_own_model(split_store, model_cache
     store = open_run(split_store)
     given = queries.top_images_for_text(store, 2, 3, TEXT, k=4, loaded=model_cache(TINY_MODEL))
     assert queries.top_images_for_text(store, 2, 3, TEXT, k=4).equals(given)
+
+
+def test_top_images_for_text_divides_by_the_image_norm_by_default(split_store, model_cache):
+    loaded = model_cache(TINY_MODEL)
+    store = open_run(split_store)
+    heads = zarr_values(split_store, "direct/heads")[:, 2, 1].astype(np.float64)
+    norms = np.linalg.norm(zarr_values(split_store, "image_embedding").astype(np.float64), axis=1)
+    valid = zarr_values(split_store, "valid")
+    rows, scores = brute_top(heads @ text_direction(loaded, TEXT) / np.maximum(norms, 1e-30), valid, 6)
+    table = queries.top_images_for_text(store, 2, 1, TEXT, k=6, loaded=loaded)
+    np.testing.assert_array_equal(table["row"].to_numpy(), rows)
+    np.testing.assert_allclose(table["score"].to_numpy(), scores, rtol=1e-6, atol=1e-9)
 
 
 def test_top_images_for_text_over_several_blocks_with_ties(synthetic_store, model_cache):
@@ -124,12 +136,12 @@ def test_top_images_for_text_over_several_blocks_with_ties(synthetic_store, mode
         scores[150] = scores[20]  # the same float32 values give the same float64 score
         for k in (1, 7, 40):
             rows, expected = brute_top(scores, valid, k)
-            table = queries.top_images_for_text(store, layer, 2, "stripes", k=k, loaded=loaded)
+            table = queries.top_images_for_text(store, layer, 2, "stripes", k=k, loaded=loaded, normalize=False)
             np.testing.assert_array_equal(table["row"].to_numpy(), rows)
             np.testing.assert_allclose(table["score"].to_numpy(), expected, rtol=1e-6)  # float32 text unit
             assert table["key"].to_pylist() == [f"k{r:03d}" for r in rows]
     # Rows 20 and 150 (in different read blocks) tie exactly: the lower row ranks first, the other next.
-    order = queries.top_images_for_text(store, 7, 2, "stripes", k=SYN_ROWS, loaded=loaded)["row"].to_pylist()
+    order = queries.top_images_for_text(store, 7, 2, "stripes", k=SYN_ROWS, loaded=loaded, normalize=False)["row"].to_pylist()
     assert order.index(20) + 1 == order.index(150)
 
 
@@ -207,11 +219,11 @@ def test_queries_refuse_what_the_store_does_not_hold(split_store, model_cache):
     store = open_run(split_store)
     loaded = model_cache(TINY_MODEL)
     with pytest.raises(ConfigError, match=r"^layer 4 is not stored .*stored heads layers: \[0, 1, 2, 3\]"):
-        queries.top_images_for_text(store, 4, 0, TEXT, loaded=loaded)
+        queries.top_images_for_text(store, 4, 0, TEXT, loaded=loaded, normalize=False)
     with pytest.raises(ConfigError, match=r"^head must be in 0\.\.3, got 4"):
-        queries.top_images_for_text(store, 0, 4, TEXT, loaded=loaded)
+        queries.top_images_for_text(store, 0, 4, TEXT, loaded=loaded, normalize=False)
     with pytest.raises(ConfigError, match=r"^k must be an integer ≥ 1, got 0"):
-        queries.top_images_for_text(store, 0, 0, TEXT, k=0, loaded=loaded)
+        queries.top_images_for_text(store, 0, 0, TEXT, k=0, loaded=loaded, normalize=False)
     with pytest.raises(ConfigError, match=r"^layer 0 has no second-order data .*stored: \['1'\]"):
         queries.top_images_for_neuron(store, 0, 3)
     with pytest.raises(ConfigError, match=r"^neuron must be in 0\.\.255, got 256"):

@@ -51,3 +51,11 @@ def test_demo_rerun_resumes(demo, capsys):
     result = run_demo(DemoConfig(out=str(demo), shards=2, per_shard=96))
     assert result["summary"].done == 0 and result["summary"].skipped == 2
     assert (demo / "report.txt").read_text().splitlines()[2:] == report.splitlines()[2:]
+
+
+def test_demo_reports_the_applications(demo):
+    report = (demo / "report.txt").read_text()
+    assert "Spurious cue (shapes-spurious" in report and "worst group: baseline" in report
+    assert "Neuron segmentation (layer 2" in report
+    with Image.open(demo / "applications" / "neuron_segmentation.png") as image:
+        assert min(image.size) >= 100
