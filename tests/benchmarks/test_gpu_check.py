@@ -52,6 +52,9 @@ def test_quick_mode_on_cpu_measures_and_records_everything(gpu_check, tmp_path):
     for row in rows:
         assert row["accumulate_tflops"] > 0 and row["matmul_tflops"] > 0 and row["ratio"] > 0
     assert set(data["goals"]) == {f"rosetta_{r['matmul_dtype']}" for r in rows}  # no ViT-B-16/L-14 in quick mode
+    omp = data["omp"]  # on CPU the device run is a second CPU run: the same picks, bit for bit
+    assert omp["support_device"] == "cpu" and omp["picks_equal"] is True and omp["max_coef_deviation"] <= 1e-10
+    assert omp["cpu_s"] > 0 and omp["device_s"] > 0
 
 
 def test_without_cuda_the_gpu_mode_is_refused_in_one_line(gpu_check, tmp_path, capsys, monkeypatch):

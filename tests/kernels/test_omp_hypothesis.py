@@ -16,7 +16,6 @@ Two families:
 import warnings
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -154,16 +153,3 @@ def test_generic_problems_with_twins_and_early_stops_match_sklearn(problem, with
         np.testing.assert_array_equal(fold(other.support.numpy(), twin_of), fold(res.support.numpy(), twin_of))
         scale = np.maximum(np.abs(res.coef.numpy()).max(axis=1, keepdims=True), 1e-300)
         assert (np.abs(folded(other.coef.numpy(), twin_of) - folded(res.coef.numpy(), twin_of)) <= 1e-10 * scale).all()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_gives_the_cpu_picks_and_coefficients():
-    g = np.random.default_rng(5)
-    x = g.normal(size=(300, 32))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    y = g.normal(size=(40, 32))
-    cpu = dictionary_omp_path(torch.from_numpy(x), torch.from_numpy(y), (2, 8, 16))
-    gpu = dictionary_omp_path(torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda(), (2, 8, 16))
-    assert gpu.support.device.type == "cuda"
-    assert torch.equal(gpu.support.cpu(), cpu.support)
-    torch.testing.assert_close(gpu.coef.cpu(), cpu.coef, rtol=1e-10, atol=1e-12)
