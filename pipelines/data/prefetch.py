@@ -83,13 +83,14 @@ def prefetch_batches(
     _positive("threads", threads)
     if pin_memory and not torch.cuda.is_available():
         raise ConfigError("pin_memory needs CUDA (page-locked memory serves host → GPU copies); torch sees none")
-    return _batches(source, batch_size, depth, transform or (lambda raw: raw), image_of or (lambda item: item),
-                    threads, pin_memory)
+    batches = _batches(source, batch_size, transform or (lambda raw: raw), image_of or (lambda item: item), threads,
+                       pin_memory)
+    return _prefetched(batches, depth, "clipscope-prefetch-batches")
 
 
-def _in_order(source: Iterable[R], transform: Callable[[R], T], threads: int,
-              stop: threading.Event) -> Generator[T, None, None]:
-    """transform(raw) for every raw sample, in order; with threads > 1 up to 2·threads − 1 run ahead."""
+def _in_order(source: Iterable[R], transform: Callable[[R], T], threads: int) -> Generator[T, None, None]:
+    """transform(raw) for every raw sample, in order; with threads > 1 up to 2·threads − 1 run ahead.
+    Closing it cancels the transforms not yet started."""
     if threads == 1:
         for raw in source:
             yield transform(raw)
@@ -101,15 +102,60 @@ def _in_order(source: Iterable[R], transform: Callable[[R], T], threads: int,
             pending.append(pool.submit(transform, raw))
             if len(pending) >= 2 * threads:
                 yield pending.popleft().result()
-            if stop.is_set():
-                return
         while pending:
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _batches(source, batch_size, depth, transform, image_of, threads, pin_memory) -> Generator[Batch, None, None]:
+def _batches(source, batch_size, transform, image_of, threads, pin_memory) -> Generator[Batch, None, None]:
+    """The batches, assembled in the calling thread (`prefetch` runs this generator in its own)."""
+
+    def finish(items: list, positions: list[int], images: list[Tensor]) -> Batch:
+        stacked = None
+        if images:
+            stacked = torch.stack(images)
+            if pin_memory:
+                stacked = stacked.pin_memory()
+        return Batch(items, stacked, positions)
+
+    raw_source = iter(source)
+    ordered = _in_order(raw_source, transform, threads)
+    try:
+        items: list = []
+        positions: list[int] = []
+        images: list[Tensor] = []
+        for item in ordered:
+            image = image_of(item)
+            if image is not None:
+                positions.append(len(items))
+                images.append(image)
+            items.append(item)
+            if len(images) == batch_size:
+                yield finish(items, positions, images)
+                items, positions, images = [], [], []
+        if items:
+            yield finish(items, positions, images)
+    finally:
+        ordered.close()
+        close = getattr(raw_source, "close", None)
+        if close is not None:
+            close()
+
+
+def prefetch(iterable: Iterable[T], depth: int, *, thread_name: str = "clipscope-prefetch") -> Iterator[T]:
+    """Iterate ``iterable`` in a background thread, keeping up to ``depth`` items ready.
+
+    The thread starts at the first ``next``. Exceptions of the source are re-raised in the
+    consumer. Closing the returned iterator (or dropping it, or breaking out of a ``for`` loop
+    over it) stops the thread and closes the source from that thread.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ConfigError(f"depth must be an integer ≥ 1, got {depth!r}")
+    return _prefetched(iterable, depth, thread_name)
+
+
+def _prefetched(iterable: Iterable[T], depth: int, thread_name: str) -> Generator[T, None, None]:
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -122,43 +168,21 @@ def _batches(source, batch_size, depth, transform, image_of, threads, pin_memory
                 continue
         return False
 
-    def finish(items: list, positions: list[int], images: list[Tensor]) -> Batch:
-        stacked = None
-        if images:
-            stacked = torch.stack(images)
-            if pin_memory:
-                stacked = stacked.pin_memory()
-        return Batch(items, stacked, positions)
-
     def produce() -> None:
-        raw_source = iter(source)
-        ordered = _in_order(raw_source, transform, threads, stop)
+        source = iter(iterable)
         try:
-            items: list = []
-            positions: list[int] = []
-            images: list[Tensor] = []
-            for item in ordered:
-                image = image_of(item)
-                if image is not None:
-                    positions.append(len(items))
-                    images.append(image)
-                items.append(item)
-                if len(images) == batch_size:
-                    if not offer(finish(items, positions, images)):
-                        return
-                    items, positions, images = [], [], []
-            if items and not offer(finish(items, positions, images)):
-                return
+            for item in source:
+                if not offer(item):
+                    return
             offer(_END)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             offer(_Raised(exc))
         finally:
-            ordered.close()
-            close = getattr(raw_source, "close", None)
+            close = getattr(source, "close", None)
             if close is not None:
                 close()
 
-    thread = threading.Thread(target=produce, name="clipscope-prefetch-batches", daemon=True)
+    thread = threading.Thread(target=produce, name=thread_name, daemon=True)
     thread.start()
     try:
         while True:

@@ -24,16 +24,14 @@ import io
 import json
 import lzma
 import os
-import queue
 import re
 import subprocess
 import tarfile
 import tempfile
-import threading
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import braceexpand
 import fsspec
@@ -676,69 +674,3 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-# ----------------------------------------------------------------------------------------------
-# Prefetching
-
-T = TypeVar("T")
-_END = object()
-
-
-class _Raised:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-def prefetch(iterable: Iterable[T], depth: int) -> Iterator[T]:
-    """Iterate ``iterable`` in a background thread, keeping up to ``depth`` items ready.
-
-    The thread starts at the first ``next``. Exceptions of the source are re-raised in the
-    consumer. Closing the returned iterator (or dropping it, or breaking out of a ``for`` loop
-    over it) stops the thread and closes the source from that thread.
-    """
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ConfigError(f"depth must be an integer ≥ 1, got {depth!r}")
-    return _prefetched(iterable, depth)
-
-
-def _prefetched(iterable: Iterable[T], depth: int) -> Generator[T, None, None]:
-    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def offer(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        source = iter(iterable)
-        try:
-            for item in source:
-                if not offer(item):
-                    return
-            offer(_END)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            offer(_Raised(exc))
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=produce, name="clipscope-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = ready.get()
-            if item is _END:
-                return
-            if isinstance(item, _Raised):
-                raise item.exc
-            yield item
-    finally:
-        stop.set()
-        thread.join()

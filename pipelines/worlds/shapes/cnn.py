@@ -95,7 +95,7 @@ def batch(step: int, config: CNNTrainConfig) -> tuple[torch.Tensor, torch.Tensor
 
 def train_cnn(config: CNNTrainConfig = CNNTrainConfig(), *, log=print) -> tuple[ShapesCNN, dict]:
     """Train from the seeded init on fresh scenes; returns the model (eval mode) and a summary."""
-    from clipscope.pipelines.data.webdataset_input import prefetch
+    from clipscope.pipelines.data.prefetch import prefetch
 
     config = config.validated()
     threads = torch.get_num_threads()

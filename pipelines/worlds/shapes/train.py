@@ -244,7 +244,7 @@ def train(config: TrainConfig = TrainConfig(), *, log: Callable[[str], None] = p
     kernels, so generation overlaps the forward/backward); they depend on the step index only.
     ``eval_every`` > 0 logs held-out zero-shot accuracy every that many steps (no effect on weights).
     """
-    from clipscope.pipelines.data.webdataset_input import prefetch
+    from clipscope.pipelines.data.prefetch import prefetch
 
     config = config.validated()
     torch.set_num_threads(config.threads)

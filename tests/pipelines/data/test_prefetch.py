@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clipscope.errors import ConfigError
-from clipscope.pipelines.data.prefetch import buffered_bound, prefetch_batches
+from clipscope.pipelines.data.prefetch import buffered_bound, prefetch, prefetch_batches
 
 
 class CountingSource:
@@ -133,3 +133,40 @@ def test_bad_arguments_are_refused_in_one_line():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="pin_memory needs CUDA"):
             prefetch_batches(range(3), batch_size=1, pin_memory=True)
+
+
+# the generic one-item prefetch under the batches (also the training loops')
+
+def test_prefetch_preserves_order_and_propagates_errors():
+    assert list(prefetch(range(50), 3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("source broke")
+
+    it = prefetch(failing(), 2)
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="source broke"):
+        next(it)
+    with pytest.raises(ConfigError, match="depth"):
+        prefetch([], 0)
+
+
+def test_prefetch_early_stop_closes_source_and_thread():
+    closed = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    before = {t.ident for t in threading.enumerate()}
+    it = prefetch(endless(), 2)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    it.close()
+    assert closed.is_set()
+    assert not [t for t in threading.enumerate() if t.name == "clipscope-prefetch" and t.ident not in before]

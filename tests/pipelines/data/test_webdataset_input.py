@@ -7,7 +7,6 @@ import io
 import json
 import os
 import tarfile
-import threading
 import uuid
 
 import fsspec
@@ -29,7 +28,6 @@ from clipscope.pipelines.data.webdataset_input import (
     decode_or_error,
     expand_urls,
     iter_shard_samples,
-    prefetch,
     walk_tar_groups,
     write_shard,
 )
@@ -418,42 +416,3 @@ def test_write_shard_is_deterministic_and_roundtrips(tmp_path):
     with pytest.raises(ConfigError, match="__key__"):
         write_shard(str(tmp_path / "bad.tar"), [{"__key__": "a.b", "png": b""}])
     assert not (tmp_path / "bad.tar").exists()
-
-
-# ----------------------------------------------------------------------------------------------
-# Prefetch
-
-
-def test_prefetch_preserves_order_and_propagates_errors():
-    assert list(prefetch(range(50), 3)) == list(range(50))
-
-    def failing():
-        yield 1
-        raise ValueError("source broke")
-
-    it = prefetch(failing(), 2)
-    assert next(it) == 1
-    with pytest.raises(ValueError, match="source broke"):
-        next(it)
-    with pytest.raises(ConfigError, match="depth"):
-        prefetch([], 0)
-
-
-def test_prefetch_early_stop_closes_source_and_thread():
-    closed = threading.Event()
-
-    def endless():
-        try:
-            i = 0
-            while True:
-                yield i
-                i += 1
-        finally:
-            closed.set()
-
-    before = {t.ident for t in threading.enumerate()}
-    it = prefetch(endless(), 2)
-    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
-    it.close()
-    assert closed.is_set()
-    assert not [t for t in threading.enumerate() if t.name == "clipscope-prefetch" and t.ident not in before]
