@@ -222,16 +222,22 @@ def store_attrs(config: ExtractConfig, plan: RunPlan, loaded: LoadedModel) -> di
     }
 
 
+def existing_store(config: ExtractConfig) -> RunStore | None:
+    """The store at `config.out` opened for writing, or None where there is none yet (a store that is
+    there but unreadable still raises)."""
+    try:
+        return RunStore.open(config.out, "r+", storage_options=config.storage_options or None)
+    except StoreError as err:
+        if not str(err).startswith("no run store at"):
+            raise
+        return None
+
+
 def open_or_create_store(config: ExtractConfig, plan: RunPlan, loaded: LoadedModel) -> RunStore:
     """Create the run's store, or re-open it for a resume after checking it is the same run."""
     options = config.storage_options or None
     attrs = store_attrs(config, plan, loaded)
-    try:
-        store = RunStore.open(config.out, "r+", storage_options=options)
-    except StoreError as err:
-        if not str(err).startswith("no run store at"):
-            raise
-        store = None
+    store = existing_store(config)
     if store is not None:
         added = check_resumable(store, attrs)
         if added and store.attrs.get(STORE_READY_ATTR):

@@ -21,6 +21,7 @@ from clipscope.pipelines.jobs.extract import job as extract_job
 from clipscope.pipelines.jobs.extract.sample_extras import SampleExtras
 from clipscope.pipelines.jobs.extract.job import (
     ExtractSummary,
+    existing_store,
     RunPlan,
     ShardExtractor,
     resolve_device,
@@ -125,12 +126,7 @@ def open_maps_store(config: MapsConfig, plan: RunPlan, zoo: ZooModel) -> RunStor
     """Create the maps store, or re-open it for a resume after checking it is the same run."""
     options = config.storage_options or None
     attrs = maps_attrs(config, plan, zoo)
-    try:
-        store = RunStore.open(config.out, "r+", storage_options=options)
-    except StoreError as err:
-        if not str(err).startswith("no run store at"):
-            raise
-        store = None
+    store = existing_store(config)
     if store is not None:
         stored = {**dict(store.attrs), "config": {**LATER_FIELD_DEFAULTS, **(store.attrs.get("config") or {})}}
         problems = [f"{key}: store has {stored.get(key)!r}, this run has {attrs[key]!r}"
