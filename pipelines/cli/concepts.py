@@ -13,7 +13,8 @@ def add_concept_options(parser) -> None:
     parser.add_argument("--layer", type=int, required=True,
                         help="neuron layer (needs `clipscope second-order` and `clipscope neurons` of it)")
     parser.add_argument("--m", type=int, default=None, help="OMP sparsity whose coefficients weigh the texts "
-                                                            "(default: the largest stored, 128 in the paper)")
+                                                            "(default: the largest stored m ≤ embedding dimension / 4, "
+                                                            "the paper's 128 of 512)")
     parser.add_argument("--threshold", choices=("topk", "p98"), default="topk",
                         help="τ_n: the --rank-th largest centred norm of the neuron (topk, the reference's) or its "
                              "98th percentile (p98)")

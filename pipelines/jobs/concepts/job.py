@@ -17,6 +17,7 @@ reduction (the `query … concepts` command).
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,8 @@ from clipscope.pipelines.texts.embedding_cache import stored_texts
 from clipscope.storage import schema
 from clipscope.storage.results import RESULT_ATTR, begin_reduction, settings_digest
 from clipscope.storage.store import RunStore
+
+logger = logging.getLogger(__name__)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -101,10 +104,20 @@ def pcs_digest(pcs: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(pcs, np.float64).tobytes()).hexdigest()[:16]
 
 
+def default_m(stored: list[int], embed: int | None) -> int:
+    """The sparsity read when none is asked for: the largest stored m ≤ embed / 4 (the paper's 128 in a
+    512-dimensional embedding; the same 128 for ViT-L's 768), else the smallest stored; the largest stored
+    when the embedding dimension is unknown. From m = embed on, OMP reproduces a PC with any m texts."""
+    if embed is None:
+        return max(stored)
+    sparse = [m for m in stored if m <= embed // 4]
+    return max(sparse) if sparse else min(stored)
+
+
 def read_decomposition(store: RunStore, layer: int, m: int | None,
                        pcs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int, dict[str, Any]]:
     """(support [neuron pick], coefs [neuron pick] of the m-atom solution, m, the OMP group's attrs) of
-    `layer`; with `pcs`, checked to be their decomposition. m None: the largest stored."""
+    `layer`; with `pcs`, checked to be their decomposition. m None: `default_m` of the stored sparsities."""
     group = schema.OMP.path(layer=layer)
     if f"{group}/support" not in store.array_names():
         raise StoreError(f"{store.url} has no {group}; run `clipscope neurons {store.url} --layer {layer}` first")
@@ -113,9 +126,14 @@ def read_decomposition(store: RunStore, layer: int, m: int | None,
         raise StoreError(f"the PCs of layer {layer} changed since its OMP ran; rerun "
                          f"`clipscope neurons {store.url} --layer {layer}`")
     stored = [int(v) for v in store.read_result(f"{group}/m")]
-    chosen = max(stored) if m is None else m
+    embed = int(pcs.shape[1]) if pcs is not None else None
+    chosen = default_m(stored, embed) if m is None else m
     if chosen not in stored:
         raise ParameterError("m", f"must be one of the sparsities the OMP of layer {layer} stored {stored}, got {m}")
+    if embed is not None and chosen >= embed:
+        logger.warning("m = %d ≥ the %d embedding dimensions of layer %d's PCs: OMP then fits every PC exactly with "
+                       "any %d texts, and γ names nothing; use m ≤ %d (the paper: 128 of 512)", chosen, embed, layer,
+                       embed, embed // 4)
     coefs = store.read_result(f"{group}/coefs")[stored.index(chosen)].astype(np.float64)
     return store.read_result(f"{group}/support").astype(np.int64), coefs, chosen, attrs
 

@@ -16,7 +16,7 @@ class Settings(Validated):
     run's model); `layers`: neuron layers whose PCs and OMP decompositions are used (one text pool);
     `neurons`: |𝒩|, the neurons of largest |⟨v, r_n⟩| (paper 100, reference code 50); `words`: cue words
     kept; `ranking`: `eq6` (w_j = Σ_{n∈𝒩} γ_j^n⟨v, r_n⟩) or `reference` (single (neuron, text) entries ranked,
-    the top `entries` kept, then de-duplicated); `m`: the OMP sparsity (None: the largest stored);
+    the top `entries` kept, then de-duplicated); `m`: the OMP sparsity (None: the largest stored ≤ embed/4);
     `synonym_cosine`: texts whose unit embedding has at least this cosine with t̂(c₂) are dropped, and so are
     c₂ itself and `block`; `allowed`: when given, only these texts may be cues (e.g. a world's vocabulary);
     `task`: take t̂(c) from this zero-shot task's class weights (its templates) instead of the bare names;

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 SPURIOUS_SEED, SEGMENT_SEED = 4321, 77
 NEURON_LAYER = 2  # the demo's second-order layer of the 4-layer shapes CLIP
+CONCEPT_M = 8  # OMP sparsity of concept discovery: the shapes pools have 50 texts, so m = 128 would be all of them
 
 
 def _extract(data: Path, out: Path, pretrained: str, executor: Executor | None, **options) -> RunStore:
@@ -114,6 +115,45 @@ def neuron_segmentation(out: Path, pretrained: str, executor: Executor | None,
              f"class, main object; {int(store.read_valid().sum())} scenes): mIoU {scores['neurons']:.3f}, random "
              f"neurons {scores['neurons-random']:.3f}; overlay {path}"]
     return lines, scores
+
+
+def concept_hits(store: RunStore, seed: int, layer: int, *, m: int = CONCEPT_M, top: int = 3,
+                 permutations: int = 5) -> dict[str, float]:
+    """Concept discovery on a shapes-world store whose second-order statistics and OMP of `layer` exist: the
+    share of images whose main object's colour or shape word is in one of the `top` discovered texts, the same
+    share with γ permuted across neurons (each neuron gets another neuron's decomposition: the spec's
+    baseline; the mean and the largest over `permutations` seeded permutations), and the mean share of active neurons |𝒩(I)|/N."""
+    import dataclasses
+
+    import numpy as np
+
+    from clipscope.pipelines.jobs import concepts
+    from clipscope.pipelines.jobs.concepts.job import concept_model
+    from clipscope.pipelines.texts.embedding_cache import stored_texts
+
+    model, attrs = concept_model(store, concepts.Settings(layer=layer, m=m, top=top))
+    texts = stored_texts(store, attrs["texts_key"])
+    valid = store.read_valid()
+    rows = np.flatnonzero(valid)
+    q = store.read(model.weights)[valid]
+    shared = None if model.shared is None else store.read(model.shared)[valid]
+    samples = store.read_samples().to_pydict()
+    key_of = dict(zip(samples["row"], samples["key"]))
+    mains = [render(int(key_of[int(r)].rsplit("-", 1)[-1]), seed).main for r in rows]
+
+    def share(index: np.ndarray) -> float:
+        hits = [bool({main.colour, main.shape} & {w for j in picked if j >= 0 for w in texts[j].split()})
+                for main, picked in zip(mains, index)]
+        return float(np.mean(hits))
+
+    index, _, active = model.concepts(q, shared)
+    baseline = []
+    for permutation in range(permutations):
+        order = np.random.default_rng(permutation).permutation(model.support.shape[0])
+        permuted = dataclasses.replace(model, support=model.support[order], coefs=model.coefs[order])
+        baseline.append(share(permuted.concepts(q, shared)[0]))
+    return {"hits": share(index), "permuted": float(np.mean(baseline)), "permuted_max": float(np.max(baseline)),
+            "active": float(active.mean() / model.support.shape[0]), "n": int(len(rows))}
 
 
 def run_applications(out: Path, executor: Executor | None, pretrained: str) -> tuple[list[str], list[str]]:

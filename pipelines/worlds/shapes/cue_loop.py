@@ -85,9 +85,10 @@ def fooling(loaded: LoadedModel, plans: list[list[dict]], v: np.ndarray, seed: i
 
 
 def run_pair(store: RunStore, loaded: LoadedModel, true: str, wrong: str, *, layers: tuple[int, ...],
-             words: int = 4, neurons: int = 20, scenes: int = 60, seed: int = 0) -> PairOutcome:
+             words: int = 4, neurons: int = 20, scenes: int = 60, seed: int = 0, m: int | None = None) -> PairOutcome:
     vocab = vocabulary(true, wrong)
-    settings = cues.Settings(true=true, wrong=wrong, layers=layers, neurons=neurons, words=words, allowed=tuple(vocab))
+    settings = cues.Settings(true=true, wrong=wrong, layers=layers, neurons=neurons, words=words, allowed=tuple(vocab),
+                             m=m)
     mined = cues.run(store, settings).cues
     random_neuron_words = cues.run(store, dataclasses.replace(settings, random_neurons=seed)).cues
     v = cues.cue_direction_of(store, true, wrong, loaded=loaded)
@@ -139,13 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--words", type=int, default=4)
     parser.add_argument("--neurons", type=int, default=100)
     parser.add_argument("--scenes", type=int, default=60)
+    parser.add_argument("--m", type=int, default=None, help="OMP sparsity whose coefficients are read (default: the largest stored)")
     args = parser.parse_args(argv)
     store = RunStore.open(args.store, "r+")
     loaded = load_run_model(store)
     pairs = ([tuple(p.split(":", 1)) for p in args.pairs] if args.pairs
              else list(itertools.permutations(world.SHAPES, 2)))
     outcomes = [run_pair(store, loaded, a, b, layers=tuple(args.layers), words=args.words, neurons=args.neurons,
-                         scenes=args.scenes) for a, b in pairs]
+                         scenes=args.scenes, m=args.m) for a, b in pairs]
     print(format_outcomes(outcomes))
     return 0
 

@@ -169,3 +169,13 @@ def test_cli(store, capsys):
     assert "neurons active" in capsys.readouterr().out
     assert run_cli("concepts", store.url, "--layer", LAYER, "--m", "3") == 2
     assert "--m must be one of" in capsys.readouterr().err
+
+
+def test_default_m_is_the_largest_stored_sparsity_at_most_a_quarter_of_the_embedding():
+    from clipscope.pipelines.jobs.concepts.job import default_m
+
+    assert default_m([4, 8, 16, 32, 50], 32) == 8  # the shapes CLIP: 50 texts, 32 dimensions
+    assert default_m([4, 8, 16, 32, 64, 128], 512) == 128  # ViT-B: the paper's m
+    assert default_m([4, 8, 16, 32, 64, 128], 768) == 128
+    assert default_m([16, 32], 32) == 16  # none that sparse: the sparsest stored
+    assert default_m([4, 50], None) == 50  # dimension unknown: the largest
