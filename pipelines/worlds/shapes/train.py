@@ -24,6 +24,12 @@ InfoNCE term, weighted `readout_weight`, scores the embedding in which the direc
 MLPs and of every head but those of the last `readout_layers` layers are mean-ablated over the batch
 (`keep_last_embedding`: `clipscope evaluate --keep-last`'s ablation, differentiable). Whether the planted
 structure is there is measured afterwards only through clipscope's decomposition and store.
+
+Planted heads (`planted_heads`, `planted_weight`; off for the shipped checkpoint). A further term trains
+named heads to carry one property each: a head's own direct effect alone is scored against the texts of
+its property's values ("a red shape", "a star"). With `init_checkpoint` it fine-tunes a trained model. It
+is an experiment towards heads that CLIP-InterpreT's per-head analyses can single out in a model this
+small (see the README's shapes-world section for what it gave).
 """
 
 from __future__ import annotations
@@ -78,6 +84,11 @@ class TrainConfig:
     captions_per_image: int = 1  # each image's caption plus this many − 1 from other templates
     readout_weight: float = 0.3  # weight of the head-readout loss (see `keep_last_embedding`)
     readout_layers: int = 2  # … whose kept heads are those of the last this many layers
+    # Fields below were added after the shipped checkpoint; `record()` leaves them out at their defaults.
+    readout_shares: str = "split-v1"  # the shares of `keep_last_embedding`
+    planted_heads: str = ""  # "L3H3=colour,L2H2=shape": heads trained to carry one property alone (`planted_loss`)
+    planted_weight: float = 0.0  # weight of each planted head's loss
+    init_checkpoint: str = ""  # start from these weights (a fine-tune) instead of the seeded init
     grad_clip_norm: float = 1.0  # clip the global gradient norm to this (0: off), as open_clip's --grad-clip-norm
     position_jitter: float = 0.0  # shapes-world geometry of the training images
     radius_jitter: float = 0.05
@@ -102,23 +113,39 @@ class TrainConfig:
             raise ConfigError(f"grad_clip_norm must be a number ≥ 0 (0: off), got {self.grad_clip_norm!r}")
         if isinstance(self.readout_weight, bool) or not isinstance(self.readout_weight, (int, float)) or not 0 <= self.readout_weight <= 10:
             raise ConfigError(f"readout_weight must be a number in [0, 10], got {self.readout_weight!r}")
+        planted_roles(self.planted_heads)
+        if isinstance(self.planted_weight, bool) or not isinstance(self.planted_weight, (int, float)) or not 0 <= self.planted_weight <= 10:
+            raise ConfigError(f"planted_weight must be a number in [0, 10], got {self.planted_weight!r}")
+        if self.readout_shares not in ("split", "split-v1"):
+            raise ConfigError(f"readout_shares must be 'split' or 'split-v1', got {self.readout_shares!r}")
         self.world(48)
         if self.min_lr > self.lr:
             raise ConfigError(f"min_lr must be ≤ lr ({self.lr}), got {self.min_lr!r}")
         return self
+
+    def record(self) -> dict:
+        """The config as the checkpoint's metadata records it: every field, except those added after the
+        shipped checkpoint while they hold their defaults (so its record, and `--check`, stay valid)."""
+        defaults = TrainConfig()
+        return {name: value for name, value in asdict(self).items()
+                if name not in LATER_FIELDS or value != getattr(defaults, name)}
 
     def world(self, image_size: int) -> world.WorldConfig:
         return world.WorldConfig(image_size=image_size, position_jitter=self.position_jitter,
                                  radius_jitter=self.radius_jitter).validated()
 
 
+LATER_FIELDS = ("readout_shares", "planted_heads", "planted_weight", "init_checkpoint")
+
+
 # ----------------------------------------------------------------------------------------------
 # Data
 
 
-def training_batch(step: int, config: TrainConfig, loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def training_batch(step: int, config: TrainConfig,
+                   loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[world.Scene]]:
     """Images [batch], tokens [batch · captions_per_image] (each image's own caption first, then
-    its extra captions) and the [caption image] truth matrix of training step `step`."""
+    its extra captions), the [caption image] truth matrix and the scenes of training step `step`."""
     start = step * config.batch_size
     scenes = list(world.generate_scenes(config.batch_size, config.data_seed, start=start,
                                         config=config.world(loaded.image_size[0])))
@@ -128,7 +155,7 @@ def training_batch(step: int, config: TrainConfig, loaded: LoadedModel) -> tuple
             captions.append(caption)
             claims.append(claim)
     images = image_tensor(np.stack([s.image for s in scenes]), loaded)
-    return images, loaded.tokenizer(captions), torch.from_numpy(world.claim_matrix(scenes, claims))
+    return images, loaded.tokenizer(captions), torch.from_numpy(world.claim_matrix(scenes, claims)), scenes
 
 
 def multi_positive_infonce(image_features, text_features, logit_scale, truth) -> torch.Tensor:
@@ -211,6 +238,88 @@ def keep_last_embedding(visual: torch.nn.Module, tap: ClassTokenTap, embedding: 
     return embedding - ablated + ablated.mean(0, keepdim=True).detach()
 
 
+# property → (its values in the world, the text template of a value)
+PLANTED_PROPERTIES = {"colour": (tuple(world.COLOURS), "a {} shape"), "shape": (world.SHAPES, "a {}")}
+
+
+def planted_roles(spec: str) -> tuple[tuple[int, int, str], ...]:
+    """((layer, head, property), …) of a `planted_heads` string such as "L3H3=colour,L2H2=shape"."""
+    out = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        head, _, prop = item.partition("=")
+        try:
+            layer, index = (int(x) for x in head.strip().upper().removeprefix("L").split("H"))
+        except ValueError:
+            raise ConfigError(f"planted_heads entries are LxHy=property, got {item!r}") from None
+        if prop not in PLANTED_PROPERTIES:
+            raise ConfigError(f"planted_heads property must be one of {', '.join(PLANTED_PROPERTIES)}, got {prop!r}")
+        out.append((layer, index, prop))
+    return tuple(out)
+
+
+class HeadTap:
+    """Captures, during ``encode_image``, the input of the attention (ln_1's output) of `layers`, from
+    which `head_writes` recomputes each head's write to the class token, differentiably."""
+
+    def __init__(self, visual: torch.nn.Module, layers: Sequence[int]):
+        self.visual, self.layers, self.inputs, self._handles = visual, tuple(sorted(set(layers))), {}, []
+
+    def __enter__(self) -> "HeadTap":
+        for layer in self.layers:
+            block = self.visual.transformer.resblocks[layer]
+            self._handles.append(block.ln_1.register_forward_hook(self._keep(layer)))
+        return self
+
+    def _keep(self, layer: int):
+        def hook(module, inputs, output):
+            self.inputs[layer] = output
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def head_writes(self, layer: int) -> Float[Tensor, "batch head width"]:
+        """Per head, its write to the class token's residual: the head's output through its slice of the
+        out-projection, plus 1/H of the out-projection bias (the `split` convention), after LayerScale."""
+        block = self.visual.transformer.resblocks[layer]
+        attn, y = block.attn, self.inputs[layer]
+        batch, tokens, width = y.shape
+        n_heads = attn.num_heads
+        e = width // n_heads
+        q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).reshape(batch, tokens, 3, n_heads, e).unbind(2)
+        weights = (torch.einsum("bhe,bthe->bht", q[:, 0], k) * e**-0.5).softmax(-1)
+        out = torch.einsum("bht,bthe->bhe", weights, v)
+        writes = torch.einsum("bhe,whe->bhw", out, attn.out_proj.weight.reshape(width, n_heads, e))
+        writes = writes + attn.out_proj.bias / n_heads
+        return writes * getattr(block.ls_1, "gamma", 1.0)
+
+
+def planted_loss(model: torch.nn.Module, tap: ClassTokenTap, heads: HeadTap, roles: Sequence[tuple[int, int, str]],
+                 scenes: Sequence[world.Scene], tokenizer) -> Tensor:
+    """Σ over the planted heads of the cross-entropy of the head's own direct effect on the embedding (alone,
+    uncentred: to score well its variation must dominate its mean, which the dot-product neighbours and
+    the topic maps of CLIP-InterpreT need) against the texts of its property's values, the target spread
+    over the values present in the scene (every object's colour, or shape)."""
+    visual = model.visual
+    _, sigma = layer_norm_stats(visual.ln_post, tap.final)
+    total = sigma.new_zeros(())
+    for prop in sorted({p for _, _, p in roles}):
+        values, template = PLANTED_PROPERTIES[prop]
+        texts = F.normalize(model.encode_text(tokenizer([template.format(v) for v in values])), dim=-1)
+        target = torch.zeros(len(scenes), len(values))
+        for i, scene in enumerate(scenes):
+            for obj in scene.objects:
+                target[i, values.index(getattr(obj, prop))] = 1.0
+        target = target / target.sum(1, keepdim=True)
+        for layer, head, _ in (r for r in roles if r[2] == prop):
+            own = (heads.head_writes(layer)[:, head] * visual.ln_post.weight) @ visual.proj / sigma[:, None]
+            logits = model.logit_scale.exp() * F.normalize(own, dim=-1) @ texts.T
+            total = total + torch.sum(-target * F.log_softmax(logits, 1), 1).mean()
+    return total
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
@@ -249,9 +358,9 @@ def train(config: TrainConfig = TrainConfig(), *, log: Callable[[str], None] = p
     config = config.validated()
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True)
-    loaded = load_model(config.model, "none", seed=config.seed)
+    loaded = load_model(config.model, config.init_checkpoint or "none", seed=config.seed)
     model = loaded.model
-    if config.pos_init_std:
+    if config.pos_init_std and not config.init_checkpoint:
         # open_clip draws the positional embedding with σ = width^-0.5 (0.125 here), a small
         # perturbation of the patch content after ln_pre; a ViT this small then sits on a long
         # plateau before it uses position at all (measured: no progress on position or shape in
@@ -266,25 +375,32 @@ def train(config: TrainConfig = TrainConfig(), *, log: Callable[[str], None] = p
                           f"got {config.readout_layers}")
     readout = tuple(range(n_layers - config.readout_layers, n_layers)) if config.readout_weight else ()
     tap = ClassTokenTap(model.visual)
+    roles = planted_roles(config.planted_heads) if config.planted_weight else ()
+    for layer, head, _ in roles:
+        if not (0 <= layer < n_layers and 0 <= head < model.visual.transformer.resblocks[layer].attn.num_heads):
+            raise ConfigError(f"planted_heads: {config.model} has no head L{layer}H{head}")
+    head_tap = HeadTap(model.visual, [layer for layer, _, _ in roles])
     model.train()
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     probe_world = dataclasses.replace(config.world(loaded.image_size[0]), counts=(1,))
     probe = list(world.generate_scenes(200, 999, config=probe_world))
     batches = prefetch((training_batch(step, config, loaded) for step in range(config.steps)), 2)
     began, losses, grad_norms = time.perf_counter(), [], []
-    for step, (images, tokens, positives) in enumerate(batches):
+    for step, (images, tokens, positives, scenes) in enumerate(batches):
         for group in optimizer.param_groups:
             slow = group["tower"] == "text" and step < config.text_slow_steps
             group["lr"] = (config.text_lr_scale if slow else 1.0) * learning_rate(step, config)
-        with tap if readout else contextlib.nullcontext():
+        with tap if readout or roles else contextlib.nullcontext(), head_tap:
             embedding = model.encode_image(images)
         text_features = F.normalize(model.encode_text(tokens), dim=-1)
         scale = model.logit_scale.exp()
         loss = multi_positive_infonce(F.normalize(embedding, dim=-1), text_features, scale, positives)
         if readout:
-            # the shares the shipped checkpoint was trained with (see keep_last_embedding)
-            kept = F.normalize(keep_last_embedding(model.visual, tap, embedding, readout, shares="split-v1"), dim=-1)
+            kept = F.normalize(keep_last_embedding(model.visual, tap, embedding, readout, shares=config.readout_shares),
+                               dim=-1)
             loss = loss + config.readout_weight * multi_positive_infonce(kept, text_features, scale, positives)
+        if roles:
+            loss = loss + config.planted_weight * planted_loss(model, tap, head_tap, roles, scenes, loaded.tokenizer)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm or math.inf).item())
@@ -319,7 +435,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, config: Tra
     from safetensors.torch import save_file
 
     state = {name: tensor.detach().to(torch.float16).contiguous() for name, tensor in model.state_dict().items()}
-    metadata = {"clipscope_model": config.model, "train_config": json.dumps(asdict(config), sort_keys=True),
+    metadata = {"clipscope_model": config.model, "train_config": json.dumps(config.record(), sort_keys=True),
                 "generator_version": str(world.GENERATOR_VERSION), "dtype": "float16"}
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -91,3 +91,68 @@ def test_content_digest_sees_tensors_and_metadata_not_the_file_layout(loaded, tm
     assert st.save_checkpoint(edited, tmp_path / "edited.safetensors", st.TrainConfig()) != shipped
     other = dataclasses.replace(st.TrainConfig(), steps=999)
     assert st.save_checkpoint(loaded.model, tmp_path / "meta.safetensors", other) != shipped
+
+
+def test_head_writes_are_the_heads_parts_of_the_attention_write(loaded):
+    images = probes.image_tensor(np.stack([s.image for s in sw.generate_scenes(6, 4)]), loaded)
+    visual = loaded.model.visual
+    with torch.no_grad(), st.ClassTokenTap(visual) as tap, st.HeadTap(visual, [1, 3]) as heads:
+        loaded.model.encode_image(images)
+    for layer in (1, 3):
+        writes = heads.head_writes(layer)
+        assert writes.shape == (6, 4, 64)
+        torch.testing.assert_close(writes.sum(1), tap.attn[layer], rtol=1e-5, atol=1e-6)
+    assert not any(block.ln_1._forward_hooks for block in visual.transformer.resblocks)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("", ()),
+    ("L3H3=colour, L2H2=shape", ((3, 3, "colour"), (2, 2, "shape"))),
+    ("l0h1=shape", ((0, 1, "shape"),)),
+])
+def test_planted_roles_are_parsed(spec, expected):
+    assert st.planted_roles(spec) == expected
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"planted_heads": "L3=colour"}, "planted_heads entries are LxHy=property, got 'L3=colour'"),
+    ({"planted_heads": "L3H3=size"}, "planted_heads property must be one of colour, shape, got 'size'"),
+    ({"planted_weight": -0.5}, "planted_weight must be a number in [0, 10], got -0.5"),
+    ({"readout_shares": "center"}, "readout_shares must be 'split' or 'split-v1', got 'center'"),
+])
+def test_bad_planting_options_are_named(changes, message):
+    with pytest.raises(ConfigError) as err:
+        st.TrainConfig(**changes).validated()
+    assert str(err.value) == message
+
+
+def test_a_planted_head_outside_the_model_is_named():
+    with pytest.raises(ConfigError, match="planted_heads: clipscope-shapes has no head L4H0"):
+        st.train(st.TrainConfig(steps=1, batch_size=4, planted_heads="L4H0=shape", planted_weight=1.0),
+                 log=lambda line: None)
+
+
+def test_planted_heads_change_a_short_training_deterministically():
+    config = st.TrainConfig(steps=2, batch_size=16, warmup_steps=1, planted_heads="L3H3=colour,L2H2=shape",
+                            planted_weight=1.0)
+    first, summary = st.train(config, log=lambda line: None)
+    second, _ = st.train(config, log=lambda line: None)
+    plain, _ = st.train(dataclasses.replace(config, planted_weight=0.0), log=lambda line: None)
+    a, b, c = (m.model.state_dict() for m in (first, second, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert torch.isfinite(torch.tensor(summary["final_loss"]))
+
+
+def test_the_record_leaves_later_fields_out_at_their_defaults():
+    assert set(st.TrainConfig().record()) == {f.name for f in dataclasses.fields(st.TrainConfig)} - set(st.LATER_FIELDS)
+    planted = st.TrainConfig(planted_heads="L3H3=colour", planted_weight=0.5).record()
+    assert planted["planted_heads"] == "L3H3=colour" and planted["planted_weight"] == 0.5
+    assert "init_checkpoint" not in planted
+
+
+def test_a_fine_tune_starts_from_its_checkpoint(loaded):
+    config = st.TrainConfig(steps=1, batch_size=4, lr=0.0, min_lr=0.0, init_checkpoint=str(st.CHECKPOINT))
+    tuned, _ = st.train(config, log=lambda line: None)
+    shipped = loaded.model.state_dict()
+    assert all(torch.equal(value, shipped[name]) for name, value in tuned.model.state_dict().items())
