@@ -212,6 +212,7 @@ SEGMENTATION = _group("reductions/segmentation/{method}/{task}", "segment", {
     "intersection": (("row", "seg_class"), "int64", "per class [background, foreground]: |pred ∩ truth|"),
     "union": (("row", "seg_class"), "int64", "per class [background, foreground]: |pred ∪ truth|"),
     "ap": (("row",), "float64", "average precision over both channels (NaN: row not scored)"),
+    "selected": (("class", "rank"), "int64", "neuron methods: each class's chosen neurons (flat index over the layers)"),
 })
 ARRAYS = (*ARRAYS, MASKS, DIRECT_TOKEN_SUM, ATTENTION, *ROLES.arrays, *SEGMENTATION.arrays)
 GROUPS = (*GROUPS, ROLES, SEGMENTATION)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from clipscope.pipelines.cli import reduction_options
 from clipscope.pipelines.cli._executor_args import add_executor_arguments, check_executor_args, executor_from_args
 
-PARAMETER_FLAGS = {"class_mode": "--class", "method": "--method", "top_neurons": "--top-neurons"}
+PARAMETER_FLAGS = {"class_mode": "--class", "method": "--method", "top_neurons": "--top-neurons",
+                   "centre_classes": "--centre-classes"}
 
 
 def add_arguments(parser) -> None:
@@ -29,6 +30,9 @@ def add_arguments(parser) -> None:
                              "main object)")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="neuron layers (the neurons method)")
     parser.add_argument("--top-neurons", type=int, default=200, help="neurons per class (the neurons method)")
+    parser.add_argument("--centre-classes", action="store_true",
+                        help="neurons: rank by |⟨r_n, w_c − w̄⟩|, the class-specific part of the class direction (as "
+                             "the tokens method's heat), instead of the reference's |⟨r_n, w_c⟩|")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random method")
     parser.add_argument("--png", default=None, help="write overlays of the first --png-rows scored images here")
     parser.add_argument("--png-rows", type=int, default=4, help="images in the --png figure")
@@ -47,7 +51,7 @@ def run(args) -> int:
     base = segment.Settings(method=args.method[0], task=args.task, class_mode=args.class_mode, clip=args.clip,
                             threshold=parse_threshold(args.threshold), target=args.target,
                             layers=None if args.layers is None else tuple(args.layers), top_neurons=args.top_neurons,
-                            seed=args.seed, **reduction_options.job_options(args))
+                            centre_classes=args.centre_classes, seed=args.seed, **reduction_options.job_options(args))
     check_executor_args(args)
     store = RunStore.open(args.store, "r+")
     warn_if_random_init(store.attrs.get("model"))

@@ -25,7 +25,7 @@ PINNED = [
     # segmentation and CLIP-InterpreT
     "masks", "direct/token_sum", "attention/layer_{layer}", "reductions/roles/label", "reductions/roles/share",
     "reductions/roles/matches", *(f"reductions/segmentation/{{method}}/{{task}}/{leaf}" for leaf in (
-        "class_index", "correct", "labelled", "intersection", "union", "ap")),
+        "class_index", "correct", "labelled", "intersection", "union", "ap", "selected")),
     # the applications
     *(f"reductions/concepts/layer_{{layer}}/{leaf}" for leaf in ("text_index", "score", "n_active")),
     *(f"reductions/cues/{{pair}}/{leaf}" for leaf in ("text_index", "score", "neurons")),

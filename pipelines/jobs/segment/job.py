@@ -148,7 +148,7 @@ def run(store: RunStore, settings: SegmentSettings, executor: Executor | None = 
     geometry = str((store.attrs.get("config") or {}).get("mask_geometry", "preprocess"))
     record = {"method": settings.method, "task": task.name, "class_mode": settings.class_mode, "clip": clip,
               "threshold": threshold, "target": settings.target, "layers": settings.layers,
-              "top_neurons": settings.top_neurons, "seed": settings.seed, "prompts": settings_digest(task.prompts)}
+              "top_neurons": settings.top_neurons, "centre_classes": settings.centre_classes, "seed": settings.seed, "prompts": settings_digest(task.prompts)}
     group = group_of(settings.method, task.name)
     with begin_reduction(store, "segment", record, allow_incomplete=settings.allow_incomplete,
                          force=settings.force) as reduction:
@@ -163,7 +163,12 @@ def run(store: RunStore, settings: SegmentSettings, executor: Executor | None = 
         arrays = (executor or LocalExecutor(progress="off")).map_reduce(
             blocks, mapper, _concatenate, desc=f"segment ({settings.method})", unit="rows",
             sizes=[b.stop - b.start for b in blocks])
-        result = Result(settings, task.name, clip, threshold, geometry, **{k: arrays[k] for k in ROW_ARRAYS})
+        selected, selection = (None, None)
+        method = get_method(settings.method)
+        if method.selection is not None:
+            selected, selection = method.selection(store, context)
+        result = Result(settings, task.name, clip, threshold, geometry, **{k: arrays[k] for k in ROW_ARRAYS},
+                        selected=selected, selection=selection)
         if store.mode == "r+":
             result.write(reduction)
     return result

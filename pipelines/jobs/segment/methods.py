@@ -8,6 +8,7 @@
         threshold: str | float       # default of --threshold: "mean" or a number (0.5 for neurons)
         resolution: str = "grid"     # "grid": bilinear upsampling to the input size follows; "pixels": as is
         check: Callable[[RunStore, Settings], None]  # raise early (a missing array, with the command that makes it)
+        selection: Callable[[RunStore, Context], (array [class rank], attrs)]  # units a method chose, stored
 
 `register_method(Method(...))` adds one (the neuron-segmentation method registers "neurons"); `get_method(name)`,
 `list_methods()`. Built in:
@@ -53,6 +54,7 @@ class Method:
     threshold: str | float
     resolution: str = "grid"
     check: Callable[[RunStore, Any], None] | None = None
+    selection: Callable[[RunStore, Context], tuple[np.ndarray, dict[str, Any]]] | None = None
 
 
 _METHODS: dict[str, Method] = {}

@@ -1,6 +1,7 @@
 """Neuron segmentation (second-order paper §5.2) as methods of `clipscope segment`.
 
-For each class c, 𝒩_c = the `top_neurons` neurons of largest |⟨r_n, w_c⟩| over the layers Ls (`--layers`,
+For each class c, 𝒩_c = the `top_neurons` neurons of largest |⟨r_n, w_c⟩| (with `--centre-classes`:
+|⟨r_n, w_c − w̄⟩|, w̄ the mean class direction) over the layers Ls (`--layers`,
 paper 8 9 10; default: every layer with both `activations/layer_l` and a second-order PC), with r_n the
 neuron's rank-1 PC (`reductions/second_order/layer_l/pc`) and w_c the task's class direction; flat index n =
 offset_l + neuron, ties to the lower index. For an image of class ĉ (predicted or label, as the job says),
@@ -67,11 +68,19 @@ def _pcs(store: RunStore, layers: tuple[int, ...]) -> np.ndarray:
                            for l in layers])
 
 
-def _heat(store: RunStore, rows: slice, context: Context, random: bool) -> np.ndarray:
+def chosen_neurons(store: RunStore, context: Context, random: bool) -> np.ndarray:
+    """[class, rank] the neurons of `context`'s settings (flat index over `neuron_layers`)."""
     settings = context.settings
-    layers = neuron_layers(store, settings)
-    chosen = selected_neurons(_pcs(store, layers), context.weights, settings.top_neurons, random=random,
-                              seed=int(settings.seed))
+    weights = context.weights
+    if settings.centre_classes:
+        weights = weights - weights.mean(1, keepdims=True)
+    return selected_neurons(_pcs(store, neuron_layers(store, settings)), weights, settings.top_neurons,
+                            random=random, seed=int(settings.seed))
+
+
+def _heat(store: RunStore, rows: slice, context: Context, random: bool) -> np.ndarray:
+    layers = neuron_layers(store, context.settings)
+    chosen = chosen_neurons(store, context, random)
     acts = np.concatenate([store.read(schema.ACTIVATIONS.path(layer=l), rows)[:, 1:].astype(np.float64)
                            for l in layers], axis=2)  # [rows patch neuron], flat over the layers
     picked = chosen[np.maximum(context.classes, 0)]  # [rows top]
@@ -87,6 +96,16 @@ def random_neuron_heat(store: RunStore, rows: slice, context: Context) -> np.nda
     return _heat(store, rows, context, random=True)
 
 
+def _selection(random: bool):
+    def selection(store: RunStore, context: Context) -> tuple[np.ndarray, dict[str, Any]]:
+        layers = neuron_layers(store, context.settings)
+        sizes = [store.array(schema.ACTIVATIONS.path(layer=l)).shape[2] for l in layers]
+        return chosen_neurons(store, context, random), {
+            "layers": list(layers), "offsets": [int(o) for o in np.cumsum([0, *sizes[:-1]])], "random": random,
+            "centre_classes": bool(context.settings.centre_classes)}
+    return selection
+
+
 def _check(store: RunStore, settings: Any) -> None:
     layers = neuron_layers(store, settings)
     n = sum(store.array(schema.ACTIVATIONS.path(layer=l)).shape[2] for l in layers)
@@ -95,5 +114,7 @@ def _check(store: RunStore, settings: Any) -> None:
                                             f"{settings.top_neurons}")
 
 
-register_method(Method("neurons", neuron_heat, clip=False, threshold=0.5, check=_check), replace=True)
-register_method(Method("neurons-random", random_neuron_heat, clip=False, threshold=0.5, check=_check), replace=True)
+register_method(Method("neurons", neuron_heat, clip=False, threshold=0.5, check=_check, selection=_selection(False)),
+                replace=True)
+register_method(Method("neurons-random", random_neuron_heat, clip=False, threshold=0.5, check=_check,
+                       selection=_selection(True)), replace=True)

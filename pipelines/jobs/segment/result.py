@@ -33,6 +33,8 @@ class Result:
     intersection: np.ndarray  # [row seg_class]
     union: np.ndarray  # [row seg_class]
     ap: np.ndarray  # [row], NaN where not scored
+    selected: np.ndarray | None = None  # [class rank] the units a method chose (neurons), else None
+    selection: dict | None = None  # how they were chosen (layers, offsets, random, centre_classes)
 
     @property
     def scored(self) -> np.ndarray:
@@ -69,6 +71,9 @@ class Result:
                  "geometry": self.geometry, "n": self.n,
                  **{k: (None if v != v else v) for k, v in self.metrics().items() if k != "n"}}
         arrays = {leaf: (getattr(self, leaf), schema.SEGMENTATION.dims(leaf)) for leaf in ROW_ARRAYS}
+        if self.selected is not None:
+            arrays["selected"] = (self.selected, schema.SEGMENTATION.dims("selected"))
+            attrs["selection"] = self.selection
         run.write_group(group_of(self.settings.method, self.task), arrays, attrs)
 
     @classmethod
@@ -82,6 +87,8 @@ class Result:
             raise StoreError(f"{store.url} has no segmentation by {settings.method} on {task}; run "
                              f"`clipscope segment {store.url} --method {settings.method} --task {task}`")
         arrays = {leaf: store.read_result(f"{group}/{leaf}") for leaf in ROW_ARRAYS}
+        if f"{group}/selected" in store.array_names():
+            arrays.update(selected=store.read_result(f"{group}/selected"), selection=attrs.get("selection"))
         return cls(settings, task, bool(attrs["clip"]), attrs["threshold"], str(attrs["geometry"]), **arrays)
 
     def table(self) -> pa.Table:

@@ -33,6 +33,8 @@ class SegmentSettings(Validated):
     min–max (None: the method's default — tokens clip, as the reference); `threshold`: "auto" (the method's:
     mean, or 0.5 for neurons), "mean" or a number; `target`: foreground = mask > 0 (ImageNet-segmentation),
     main = mask == 1 (the shapes world's main object); `layers`, `top_neurons`: for the neuron method;
+    `centre_classes`: the neuron method ranks neurons by |⟨r_n, w_c − w̄⟩| (the class-specific part, w̄ the
+    mean class direction, as the token method's heat) instead of the reference's |⟨r_n, w_c⟩|;
     `seed`: for the random method; `block_rows`: rows per map task (None: 16 chunks)."""
 
     method: str = "tokens"
@@ -43,6 +45,7 @@ class SegmentSettings(Validated):
     target: str = "foreground"
     layers: tuple[int, ...] | None = None
     top_neurons: int = 200
+    centre_classes: bool = False
     seed: int = 0
     block_rows: int | None = None
     allow_incomplete: bool = False
@@ -57,6 +60,7 @@ class SegmentSettings(Validated):
         "target": [Options(*TARGETS, text="foreground or main")],
         "layers": [NoneValue(), Each(Interval(int, 0), min_len=1)],
         "top_neurons": [Interval(int, 1)],
+        "centre_classes": [Boolean()],
         "seed": [Interval(int)],
         "block_rows": [NoneValue(), Interval(int, 1)],
         "allow_incomplete": [Boolean()],

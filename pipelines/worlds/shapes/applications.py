@@ -25,7 +25,8 @@ from clipscope.storage.store import RunStore
 logger = logging.getLogger(__name__)
 
 SPURIOUS_SEED, SEGMENT_SEED = 4321, 77
-NEURON_LAYER = 2  # the demo's second-order layer of the 4-layer shapes CLIP
+NEURON_LAYERS = (1, 2)  # the demo's second-order layer of the 4-layer shapes CLIP and the one before (spec S8)
+NEURON_TOP = 200  # neurons per class, the paper's
 CONCEPT_M = 8  # OMP sparsity of concept discovery: the shapes pools have 50 texts, so m = 128 would be all of them
 
 
@@ -87,33 +88,35 @@ def plot_overlay(maps, seed: int, keys: list[str], names: list[str], path: Path,
 
 def neuron_segmentation(out: Path, pretrained: str, executor: Executor | None,
                         n_images: int = 4) -> tuple[list[str], dict[str, float]]:
-    """Neuron segmentation of layer NEURON_LAYER (and the random-neurons baseline) on a small masked store,
-    and an overlay PNG of a few images."""
+    """Neuron segmentation over layers NEURON_LAYERS on a small masked store — the class's neurons ranked by
+    |⟨r_n, w_c − w̄⟩| (`--centre-classes`), the reference's |⟨r_n, w_c⟩| and the random-neurons baseline —
+    and an overlay PNG of a few images (the first)."""
     data = out / "segment" / "data"
     if not any(data.glob("*.tar")):
         write_world(data, 1, 96, SEGMENT_SEED)
     store = _extract(data, out / "segment" / "store", pretrained, executor, masks="mask.png",
-                     activation_layers=(NEURON_LAYER,), second_order_layers=(NEURON_LAYER,))
-    second_order.run(store, second_order.Settings(NEURON_LAYER, top_k=20), executor)
-    scores = {}
-    for method in ("neurons", "neurons-random"):
-        settings = segment.Settings(method=method, task="shapes", class_mode="label", target="main",
-                                    layers=(NEURON_LAYER,), top_neurons=20)
-        scores[method] = segment.run(store, settings).miou  # in this process: Ray workers do not know the method
-    settings = segment.Settings(method="neurons", task="shapes", class_mode="label", target="main",
-                                layers=(NEURON_LAYER,), top_neurons=20)
+                     activation_layers=NEURON_LAYERS, second_order_layers=NEURON_LAYERS)
+    for layer in NEURON_LAYERS:
+        second_order.run(store, second_order.Settings(layer, top_k=20), executor)
+    common = dict(task="shapes", class_mode="predicted", target="main", layers=NEURON_LAYERS,
+                  top_neurons=NEURON_TOP)
+    runs = {"neurons-reference": segment.Settings(method="neurons", **common),
+            "neurons-random": segment.Settings(method="neurons-random", **common),
+            "neurons": segment.Settings(method="neurons", centre_classes=True, **common)}  # last: the stored one
+    scores = {name: segment.run(store, settings).miou for name, settings in runs.items()}
     samples = store.read_samples()
     rows = [int(r) for r in samples.column("row").to_numpy()[:n_images]]
     keys = dict(zip(samples.column("row").to_pylist(), samples.column("key").to_pylist()))
     labels = dict(zip(samples.column("row").to_pylist(), samples.column("label").to_pylist()))
-    maps = row_maps(store, settings, rows)
+    maps = row_maps(store, runs["neurons"], rows)
     path = out / "neuron_segmentation.png"
     plot_overlay(maps, SEGMENT_SEED, [keys[m[0]] for m in maps], [LABELS[labels[m[0]]] for m in maps], path,
-                 f"Neuron segmentation, layer {NEURON_LAYER}: the 20 neurons whose PCs point most along the label's "
-                 f"class direction")
-    lines = [f"Neuron segmentation (layer {NEURON_LAYER}, the 20 neurons of largest |⟨r_n, w_c⟩| per class, label "
-             f"class, main object; {int(store.read_valid().sum())} scenes): mIoU {scores['neurons']:.3f}, random "
-             f"neurons {scores['neurons-random']:.3f}; overlay {path}"]
+                 f"Neuron segmentation, layers {NEURON_LAYERS[0]}–{NEURON_LAYERS[-1]}: the {NEURON_TOP} neurons whose "
+                 f"PCs point most along the predicted class's own direction w_c − w̄")
+    lines = [f"Neuron segmentation (layers {NEURON_LAYERS[0]}–{NEURON_LAYERS[-1]}, the {NEURON_TOP} neurons of "
+             f"largest |⟨r_n, w_c − w̄⟩| per class, predicted class, main object; {int(store.read_valid().sum())} "
+             f"scenes): mIoU {scores['neurons']:.3f}, random neurons {scores['neurons-random']:.3f}, the "
+             f"reference's |⟨r_n, w_c⟩| {scores['neurons-reference']:.3f}; overlay {path}"]
     return lines, scores
 
 

@@ -50,9 +50,17 @@ def literal_selection(pcs, weights, top):
     return np.array(out)
 
 
-@pytest.mark.parametrize("method", ["neurons", "neurons-random"])
-def test_heat_equals_a_loop(store, method):
-    settings = segment.Settings(method=method, layers=LAYERS, top_neurons=7, seed=3, task="shapes")
+def literal_centred(weights):
+    """w_c − w̄ by loops: each class direction minus the mean over the classes."""
+    n_classes = weights.shape[1]
+    mean = [sum(weights[e, c] for c in range(n_classes)) / n_classes for e in range(weights.shape[0])]
+    return np.array([[weights[e, c] - mean[e] for c in range(n_classes)] for e in range(weights.shape[0])])
+
+
+@pytest.mark.parametrize("method, centre", [("neurons", False), ("neurons", True), ("neurons-random", False)])
+def test_heat_equals_a_loop(store, method, centre):
+    settings = segment.Settings(method=method, layers=LAYERS, top_neurons=7, seed=3, task="shapes",
+                                centre_classes=centre)
     weights = classifier(store, get_task("shapes")).astype(np.float64)
     classes = store_classes(store, get_task("shapes"))
     grid, size = grid_and_size(store)
@@ -60,7 +68,7 @@ def test_heat_equals_a_loop(store, method):
     heat = get_method(method).heat(store, rows, Context(settings, classes[rows], weights, grid, size))
     pcs = np.concatenate([store.read_result(f"reductions/second_order/layer_{l}/pc") for l in LAYERS])
     if method == "neurons":
-        chosen = literal_selection(pcs, weights, 7)
+        chosen = literal_selection(pcs, literal_centred(weights) if centre else weights, 7)
     else:
         chosen = np.stack([np.random.default_rng([3, c]).choice(len(pcs), 7, replace=False) for c in range(56)])
     acts = [store.read(f"activations/layer_{l}").astype(np.float64) for l in LAYERS]
@@ -71,6 +79,25 @@ def test_heat_equals_a_loop(store, method):
         for n in chosen[c]:
             expected += acts[n // width][r, 1:, n % width]
         np.testing.assert_allclose(heat[r].ravel(), expected / 7, rtol=1e-12, atol=1e-14)
+
+
+def test_the_chosen_neurons_are_stored_with_how_they_were_chosen(store):
+    weights = classifier(store, get_task("shapes")).astype(np.float64)
+    pcs = np.concatenate([store.read_result(f"reductions/second_order/layer_{l}/pc") for l in LAYERS])
+    for centre in (False, True):
+        settings = segment.Settings(method="neurons", task="shapes", top_neurons=5, centre_classes=centre,
+                                    force=True)
+        result = segment.run(store, settings)
+        expected = literal_selection(pcs, literal_centred(weights) if centre else weights, 5)
+        np.testing.assert_array_equal(result.selected, expected)
+        assert result.selection == {"layers": list(LAYERS), "offsets": [0, 256], "random": False,
+                                    "centre_classes": centre}
+        back = segment.Result.read(store, settings)
+        np.testing.assert_array_equal(back.selected, expected)
+        assert store.dims("reductions/segmentation/neurons/shapes/selected") == ("class", "rank")
+    assert not np.array_equal(literal_selection(pcs, weights, 5), literal_selection(pcs, literal_centred(weights), 5))
+    tokens = segment.run(store, segment.Settings(method="random", task="shapes"))
+    assert tokens.selected is None
 
 
 def test_segment_job_runs_the_methods(store):
@@ -87,11 +114,13 @@ def test_segment_job_runs_the_methods(store):
 
 def test_segment_cli_with_the_neuron_methods(store, tmp_path, capsys):
     assert run_cli("segment", store.url, "--method", "neurons", "neurons-random", "--task", "shapes", "--class",
-                   "label", "--target", "main", "--layers", "1", "2", "--top-neurons", "10",
+                   "label", "--target", "main", "--layers", "1", "2", "--top-neurons", "10", "--centre-classes",
                    "--png", tmp_path / "overlay.png") == 0
     out = capsys.readouterr().out
     assert "neurons" in out and "neurons-random" in out
     assert (tmp_path / "overlay.png").stat().st_size > 0
+    assert RunStore.open(store.url).result_group_attrs("reductions/segmentation/neurons/shapes")["selection"][
+        "centre_classes"] is True
 
 
 def test_a_fresh_process_knows_the_neuron_methods():

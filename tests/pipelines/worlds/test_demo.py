@@ -56,6 +56,6 @@ def test_demo_rerun_resumes(demo, capsys):
 def test_demo_reports_the_applications(demo):
     report = (demo / "report.txt").read_text()
     assert "Spurious cue (shapes-spurious" in report and "worst group: baseline" in report
-    assert "Neuron segmentation (layer 2" in report
+    assert "Neuron segmentation (layers 1–2" in report and "random neurons" in report
     with Image.open(demo / "applications" / "neuron_segmentation.png") as image:
         assert min(image.size) >= 100
