@@ -27,6 +27,9 @@ def add_arguments(parser) -> None:
                              "(the reference's combined ablation; paper K = 4)")
     parser.add_argument("--separate", action="store_true",
                         help="with --keep-last: ablate the sets alone and keep_last_K as its own row")
+    parser.add_argument("--means-from", default=None, metavar="STORE",
+                        help="take the ablation means from this store's valid rows (a train split of the same model) "
+                             "instead of the evaluated rows (the reference's)")
     reduction_options.add_arguments(parser)
     add_executor_arguments(parser)
 
@@ -39,7 +42,7 @@ def run(args) -> int:
     settings = worst_group.Settings(task=args.task, heads=tuple(args.heads), heads_by_role=args.heads_by_role,
                                     min_share=args.min_share,
                                     random_heads=args.random_heads, trials=args.trials, seed=args.seed,
-                                    keep_last=args.keep_last, combine=not args.separate,
+                                    keep_last=args.keep_last, combine=not args.separate, means_from=args.means_from,
                                     **reduction_options.job_options(args))
     check_executor_args(args)
     store = RunStore.open(args.store, "r+")

@@ -4,7 +4,7 @@
 Every image has a class (the task's, from its label) and a group (`samples.parquet`'s `group` column: e.g.
 Waterbirds' place, the shapes-spurious world's colour). Zero-shot accuracy is counted per (class, group)
 cell under each ablation; the worst group is the minimum over the non-empty cells. Ablations (the means are
-over the evaluated rows, as in the reference; the embeddings come from `evaluate`'s mean-ablation of the
+over the evaluated rows, as in the reference, or over another store's with `means_from`; the embeddings come from `evaluate`'s mean-ablation of the
 stored direct effects, so no forward pass is needed):
 
   baseline                 nothing ablated
@@ -37,13 +37,13 @@ from clipscope.pipelines.jobs.evaluate.job import (
     parse_heads,
     stored_head_layers,
 )
-from clipscope.pipelines.jobs.means.job import reduce_rows, row_blocks
+from clipscope.pipelines.jobs.means.job import current_means, reduce_rows, row_blocks
 from clipscope.pipelines.jobs.worst_group.result import Result
 from clipscope.pipelines.jobs.worst_group.settings import Settings
 from clipscope.pipelines.models.loading import LoadedModel
 from clipscope.pipelines.texts.zero_shot import classifier, get_task, store_classes
 from clipscope.storage import schema
-from clipscope.storage.results import begin_reduction, settings_digest
+from clipscope.storage.results import begin_reduction, extraction_fingerprint, settings_digest
 from clipscope.storage.store import RunStore
 
 Heads = tuple[tuple[int, int], ...]
@@ -162,13 +162,41 @@ def _add(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> 
     return a[0] + b[0], a[1] + b[1]
 
 
+def means_source(store: RunStore, settings: Settings) -> tuple[RunStore, dict[str, Any] | None]:
+    """The store whose valid rows give the ablation means, and (for `means_from`) what the record keeps of it:
+    another store must come from the same model (checkpoint sha256, ln convention) and hold every head layer
+    of this one."""
+    if settings.means_from is None:
+        return store, None
+    try:
+        other = RunStore.open(settings.means_from, "r")
+    except (StoreError, OSError) as err:
+        raise ParameterError("means_from", f"cannot open {settings.means_from}: {err}") from None
+    mine, theirs = store.info, other.info
+    identity = [(m.name, m.sha256, m.seed) for m in (theirs.model, mine.model)]
+    if identity[0] != identity[1]:
+        raise ParameterError("means_from", f"{other.url} was extracted with {theirs.model.name} (sha256 "
+                                           f"{theirs.model.sha256}, seed {theirs.model.seed}), {store.url} with "
+                                           f"{mine.model.name} (sha256 {mine.model.sha256}, seed {mine.model.seed}); "
+                                           "the means must come from the same model")
+    if theirs.ln_convention != mine.ln_convention:
+        raise ParameterError("means_from", f"{other.url} uses the {theirs.ln_convention} convention, {store.url} "
+                                           f"{mine.ln_convention}")
+    missing = sorted(set(mine.heads_layers) - set(theirs.heads_layers))
+    if missing:
+        raise ParameterError("means_from", f"{other.url} lacks the head layers {missing} of {store.url}")
+    return other, {"url": other.url, "rows": int(other.read_valid().sum()), "inputs": extraction_fingerprint(other)}
+
+
 def run(store: RunStore, settings: Settings, executor: Executor | None = None, *,
         loaded: LoadedModel | None = None) -> Result:
     """Per-(class, group) accuracy under every ablation; written to `reductions/worst_group/<task>` whole."""
     task = get_task(settings.task)
     ablations, random = build(store, settings)
+    source, means_record = means_source(store, settings)
     record = {"task": task.name, "prompts": settings_digest(task.prompts),
-              "ablations": [[a.name, [list(h) for h in a.heads], a.mlps] for a in ablations]}
+              "ablations": [[a.name, [list(h) for h in a.heads], a.mlps] for a in ablations],
+              "means_from": means_record}
     with begin_reduction(store, "worst-group", record, allow_incomplete=settings.allow_incomplete,
                          force=settings.force) as reduction:
         if reduction.is_current(schema.WORST_GROUP.path(task=task.name)):
@@ -179,14 +207,15 @@ def run(store: RunStore, settings: Settings, executor: Executor | None = None, *
             raise ConfigError(f"no labelled valid row of {store.url} has a group; extract the shards with "
                               "`--group-key KEY` (the json member's key holding each sample's group)")
         groups = np.where(raw_groups >= 0, np.searchsorted(values, raw_groups), -1)
-        means = ablation_means(store, needed_arrays(ablations), executor=executor)
+        means = (ablation_means(store, needed_arrays(ablations), executor=executor) if source is store
+                 else current_means(source, needed_arrays(ablations), executor=executor))
         block = _GroupBlock(store, tuple(ablations), means, classifier(store, task, loaded), classes, groups,
                             len(values))
         count, correct = reduce_rows(executor, store, row_blocks(store), block, _add, desc="worst-group")
         attrs = {"task": task.name, "ablations": [a.name for a in ablations], "kinds": [a.kind for a in ablations],
                  "heads": [[list(h) for h in a.heads] for a in ablations], "groups": values.tolist(),
                  "classes": list(task.classnames), "keep_last": settings.keep_last, "combine": settings.combine,
-                 "random": random}
+                 "random": random, "means_from": means_record}
         result = Result(settings, count, correct, attrs)
         if random:
             trials = [i for i, kind in enumerate(attrs["kinds"]) if kind == "random"]

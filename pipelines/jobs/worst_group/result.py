@@ -6,7 +6,8 @@
   worst_group[ablation]                     min over non-empty cells
   accuracy[ablation]                        overall accuracy
 attrs: task, ablations (names), kinds, heads (per ablation: [[layer, head], …]), groups (the stored group
-values of the `group` axis), classes, keep_last, combine, random (heads, trials, seed, best).
+values of the `group` axis), classes, keep_last, combine, random (heads, trials, seed, best), means_from (None, or
+the other store's url, valid rows and extraction fingerprint).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from clipscope.storage import schema
 from clipscope.storage.results import Reduction
 from clipscope.storage.store import RunStore
 
-ATTRS = ("task", "ablations", "kinds", "heads", "groups", "classes", "keep_last", "combine", "random")
+ATTRS = ("task", "ablations", "kinds", "heads", "groups", "classes", "keep_last", "combine", "random", "means_from")
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,4 +76,4 @@ class Result:
                              f"{settings.task}` first")
         attrs = store.array(f"{group}/group_count").attrs
         return cls(settings, store.read_result(f"{group}/group_count"), store.read_result(f"{group}/group_correct"),
-                   {k: attrs[k] for k in ATTRS})
+                   {k: attrs.get(k) for k in ATTRS})

@@ -17,7 +17,9 @@ class Settings(Validated):
     `keep_last`, else all stored), the best worst group reported (the reference's "best of 5");
     `keep_last` K with `combine`: every set is ablated together with all heads of the layers before the
     last K and all MLPs (the reference's combined ablation); without `combine` the K ablation is one more
-    row; `allow_incomplete`, `force`: see `storage.results`."""
+    row; `means_from`: the URL of another store of the same model (a train split) whose valid rows give the
+    ablation means (None: the evaluated rows, as the reference); `allow_incomplete`, `force`: see
+    `storage.results`."""
 
     task: str
     heads: tuple[str, ...] = ()
@@ -28,6 +30,7 @@ class Settings(Validated):
     seed: int = 0
     keep_last: int | None = None
     combine: bool = True
+    means_from: str | None = None
     allow_incomplete: bool = False
     force: bool = False
 
@@ -41,6 +44,7 @@ class Settings(Validated):
         "seed": [Interval(int, 0)],
         "keep_last": [NoneValue(), Interval(int, 1)],
         "combine": [Boolean()],
+        "means_from": [NoneValue(), Text()],
         "allow_incomplete": [Boolean()],
         "force": [Boolean()],
     }

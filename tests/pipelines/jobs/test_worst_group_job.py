@@ -42,13 +42,17 @@ def store(tiny_store, tmp_path) -> RunStore:
     return RunStore.open(str(tmp_path / "copy.zarr"), "r+")
 
 
-def literal_counts(store: RunStore, heads, mlps: bool):
-    """(count [class group], correct [class group]) by a loop over images."""
+def literal_counts(store: RunStore, heads, mlps: bool, means_from: RunStore | None = None):
+    """(count [class group], correct [class group]) by a loop over images; the means over `means_from`'s valid
+    rows (default: the store's)."""
     valid = store.read_valid()
     emb = store.read("image_embedding").astype(np.float64)
     terms = store.read("direct/heads").astype(np.float64)
     mlp = store.read("direct/mlps").astype(np.float64)
-    head_mean, mlp_mean = terms[valid].mean(0), mlp[valid].mean(0)
+    source = means_from or store
+    other_valid = source.read_valid()
+    head_mean = source.read("direct/heads").astype(np.float64)[other_valid].mean(0)
+    mlp_mean = source.read("direct/mlps").astype(np.float64)[other_valid].mean(0)
     weights = classifier(store, get_task(TASK)).astype(np.float64)
     classes, groups = store_classes(store, get_task(TASK)), store_groups(store)
     count, correct = np.zeros((2, 2), np.int64), np.zeros((2, 2), np.int64)
@@ -87,6 +91,31 @@ def test_group_accuracy_equals_a_loop(store):
     assert result.worst_group[result.row(best)] == max(result.worst_group[3], result.worst_group[4])
     assert worst_group.Result.read(RunStore.open(store.url, "r"), settings) == result
     assert "worst group" in worst_group.report.format_table(result)
+
+
+def test_means_from_another_store_of_the_same_model(store, tmp_path, capsys):
+    folder = tmp_path / "train"
+    write_spurious_world(folder, 1, 12, seed=2)
+    train = tmp_path / "train.zarr"
+    assert run_cli(*extract_args(str(folder / "spurious-00000.tar"), train)) == 0
+    settings = worst_group.Settings(task=TASK, heads=("L3H3,L3H2",), keep_last=2, means_from=str(train))
+    result = worst_group.run(store, settings)
+    other = RunStore.open(str(train), "r")
+    for i, name in enumerate(result.ablations):
+        chosen = [tuple(h) for h in result.attrs["heads"][i]]
+        count, correct = literal_counts(store, chosen, mlps=name != "baseline", means_from=other)
+        np.testing.assert_array_equal(result.group_correct[i], correct, err_msg=name)
+    worst_group.run(store, worst_group.Settings(task=TASK, heads=("L3H3,L3H2",), keep_last=2))  # not a no-op
+    assert result.attrs["means_from"]["url"] == other.url and result.attrs["means_from"]["rows"] == 12
+    assert worst_group.Result.read(RunStore.open(store.url, "r"), settings).attrs["means_from"] is None  # own rerun
+    assert not any(name.startswith("reductions/") for name in other.array_names())  # nothing written there
+    noise = tmp_path / "other-model.zarr"
+    assert run_cli(*extract_args(str(folder / "spurious-00000.tar"), noise, "--seed", "7")) == 0
+    with pytest.raises(ConfigError, match="means_from .*seed 7.*the means must come from the same model"):
+        worst_group.run(store, worst_group.Settings(task=TASK, means_from=str(noise)))
+    capsys.readouterr()
+    assert run_cli("worst-group", store.url, "--task", TASK, "--means-from", str(tmp_path / "nope.zarr")) == 2
+    assert "--means-from" in capsys.readouterr().err
 
 
 def test_bad_inputs(store, tiny_store):
