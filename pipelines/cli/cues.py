@@ -24,7 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ranking", choices=("eq6", "reference"), default="eq6",
                         help="eq6: Σ over neurons per text; reference: single (neuron, text) entries, top --entries")
     parser.add_argument("--entries", type=int, default=20, help="with --ranking reference: entries kept")
-    parser.add_argument("--m", type=int, default=None, help="OMP sparsity (default: the largest stored m ≤ embedding dimension / 4; the paper: 128)")
+    parser.add_argument("--m", type=int, default=None,
+                        help="OMP sparsity (default: the largest stored m ≤ embedding dimension / 4; the paper: 128)")
     parser.add_argument("--synonym-cosine", type=float, default=0.6,
                         help="drop texts whose embedding has at least this cosine with C2's (synonyms)")
     parser.add_argument("--block", nargs="*", default=[], help="further texts that may not be cues")

@@ -31,8 +31,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="neuron layers (the neurons method)")
     parser.add_argument("--top-neurons", type=int, default=200, help="neurons per class (the neurons method)")
     parser.add_argument("--centre-classes", action="store_true",
-                        help="neurons: rank by |⟨r_n, w_c − w̄⟩|, the class-specific part of the class direction (as "
-                             "the tokens method's heat), instead of the reference's |⟨r_n, w_c⟩|")
+                        help="neurons: rank by |⟨r_n, w_c − w̄⟩|, the class-specific part of the class direction "
+                             "(as the tokens method's heat), instead of the reference's |⟨r_n, w_c⟩|")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random method")
     parser.add_argument("--png", default=None, help="write overlays of the first --png-rows scored images here")
     parser.add_argument("--png-rows", type=int, default=4, help="images in the --png figure")

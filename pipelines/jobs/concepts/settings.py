@@ -14,9 +14,9 @@ THRESHOLDS = ("topk", "p98")
 class Settings(Validated):
     """`layer`: the neuron layer (second-order and OMP results needed); `m`: the OMP sparsity whose
     coefficients γ weigh the texts (None: the largest stored ≤ embed/4, `job.default_m`); `threshold`: τ_n =
-    the `rank`-th largest centred norm of neuron n (`topk`, the reference's; `rank` None = the stored top-k, 100 by default) or
-    its 98th percentile (`p98`, `norm_p98`); `top`: texts kept per image; `neuron_chunk`, `chunks_per_block`:
-    memory and task sizes; `allow_incomplete`, `force`: see `storage.results`."""
+    the `rank`-th largest centred norm of neuron n (`topk`, the reference's; `rank` None = the stored top-k,
+    100 by default) or its 98th percentile (`p98`, `norm_p98`); `top`: texts kept per image; `neuron_chunk`,
+    `chunks_per_block`: memory and task sizes; `allow_incomplete`, `force`: see `storage.results`."""
 
     layer: int
     m: int | None = None

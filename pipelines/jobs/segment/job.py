@@ -148,7 +148,8 @@ def run(store: RunStore, settings: SegmentSettings, executor: Executor | None = 
     geometry = str((store.attrs.get("config") or {}).get("mask_geometry", "preprocess"))
     record = {"method": settings.method, "task": task.name, "class_mode": settings.class_mode, "clip": clip,
               "threshold": threshold, "target": settings.target, "layers": settings.layers,
-              "top_neurons": settings.top_neurons, "centre_classes": settings.centre_classes, "seed": settings.seed, "prompts": settings_digest(task.prompts)}
+              "top_neurons": settings.top_neurons, "centre_classes": settings.centre_classes, "seed": settings.seed,
+              "prompts": settings_digest(task.prompts)}
     group = group_of(settings.method, task.name)
     with begin_reduction(store, "segment", record, allow_incomplete=settings.allow_incomplete,
                          force=settings.force) as reduction:

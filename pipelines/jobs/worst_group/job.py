@@ -4,8 +4,8 @@
 Every image has a class (the task's, from its label) and a group (`samples.parquet`'s `group` column: e.g.
 Waterbirds' place, the shapes-spurious world's colour). Zero-shot accuracy is counted per (class, group)
 cell under each ablation; the worst group is the minimum over the non-empty cells. Ablations (the means are
-over the evaluated rows, as in the reference, or over another store's with `means_from`; the embeddings come from `evaluate`'s mean-ablation of the
-stored direct effects, so no forward pass is needed):
+over the evaluated rows, as in the reference, or over another store's with `means_from`; the embeddings come
+from `evaluate`'s mean-ablation of the stored direct effects, so no forward pass is needed):
 
   baseline                 nothing ablated
   heads:L…H…               a named set (`heads`), or the heads `clipscope roles` labelled `heads_by_role`
