@@ -30,10 +30,12 @@ NEURON_TOP = 200  # neurons per class, the paper's
 CONCEPT_M = 8  # OMP sparsity of concept discovery: the shapes pools have 50 texts, so m = 128 would be all of them
 
 
-def _extract(data: Path, out: Path, pretrained: str, executor: Executor | None, **options) -> RunStore:
+def extract_store(data: Path, out: Path, pretrained: str, executor: Executor | None = None, *,
+                  rows_per_chunk: int = 64, batch_size: int = 32, progress: str = "auto", **options) -> RunStore:
+    """Extract (or resume) the shapes CLIP store of the shards `data` at `out`; `options`: ExtractConfig fields."""
     config = ExtractConfig(data=(str(data),), out=str(out), model=SHAPES_MODEL, pretrained=pretrained,
-                           rows_per_chunk=64, batch_size=32, **options)
-    run_extract(config, executor=executor)
+                           rows_per_chunk=rows_per_chunk, batch_size=batch_size, **options)
+    run_extract(config, executor=executor, progress_display=progress)
     return RunStore.open(str(out), "r+")
 
 
@@ -44,7 +46,7 @@ def spurious_table(out: Path, pretrained: str, executor: Executor | None) -> tup
     data = out / "spurious" / "data"
     if not any(data.glob("*.tar")):
         write_spurious_world(data, 2, 100, SPURIOUS_SEED)
-    store = _extract(data, out / "spurious" / "store", pretrained, executor)
+    store = extract_store(data, out / "spurious" / "store", pretrained, executor)
     textspan.run(store, textspan.Settings(layers=(2, 3), pool="shapes-all", basis_size=5), executor)
     roles.run(store, roles.Settings(layers=(2, 3)), executor)
     colour_heads = role_heads(store, "colours")
@@ -94,7 +96,7 @@ def neuron_segmentation(out: Path, pretrained: str, executor: Executor | None,
     data = out / "segment" / "data"
     if not any(data.glob("*.tar")):
         write_world(data, 1, 96, SEGMENT_SEED)
-    store = _extract(data, out / "segment" / "store", pretrained, executor, masks="mask.png",
+    store = extract_store(data, out / "segment" / "store", pretrained, executor, masks="mask.png",
                      activation_layers=NEURON_LAYERS, second_order_layers=NEURON_LAYERS)
     for layer in NEURON_LAYERS:
         second_order.run(store, second_order.Settings(layer, top_k=20), executor)
@@ -136,13 +138,14 @@ def concept_hits(store: RunStore, seed: int, layer: int, *, m: int = CONCEPT_M, 
 
     model, attrs = concept_model(store, concepts.Settings(layer=layer, m=m, top=top))
     texts = stored_texts(store, attrs["texts_key"])
+    from clipscope.pipelines.worlds.shapes.interpret_demo import scenes_of
+
     valid = store.read_valid()
     rows = np.flatnonzero(valid)
     q = store.read(model.weights)[valid]
     shared = None if model.shared is None else store.read(model.shared)[valid]
-    samples = store.read_samples().to_pydict()
-    key_of = dict(zip(samples["row"], samples["key"]))
-    mains = [render(int(key_of[int(r)].rsplit("-", 1)[-1]), seed).main for r in rows]
+    scene_of = {r.row: r.scene for r in scenes_of(store, seed)}
+    mains = [scene_of[int(r)].main for r in rows]
 
     def share(index: np.ndarray) -> float:
         hits = [bool({main.colour, main.shape} & {w for j in picked if j >= 0 for w in texts[j].split()})

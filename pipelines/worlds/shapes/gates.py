@@ -96,25 +96,14 @@ GATES: tuple[Gate, ...] = (
 )
 
 
-def _extract(data: Path, out: Path, pretrained: str, rows_per_chunk: int = 64, **options):
-    from clipscope.pipelines.jobs.extract.job import run_extract
-    from clipscope.pipelines.jobs.extract.settings import ExtractConfig
-    from clipscope.pipelines.worlds.shapes.train import SHAPES_MODEL
-    from clipscope.storage.store import RunStore
-
-    config = ExtractConfig(data=(str(data),), out=str(out), model=SHAPES_MODEL, pretrained=pretrained,
-                           rows_per_chunk=rows_per_chunk, batch_size=64, **options)
-    run_extract(config, progress_display="off")
-    return RunStore.open(str(out), "r+")
-
-
 def _world(where: Path, n_shards: int, per_shard: int, seed: int, **options) -> Path:
     if not any(where.glob("*.tar")):
         world.write_world(where, n_shards, per_shard, seed, **options)
     return where
 
 
-def _roles(store, loaded):
+def textspan_roles(store, loaded):
+    """TextSpan of every layer over the world's vocabulary (8 texts per head), then `clipscope roles`."""
     from clipscope.pipelines.jobs import roles, textspan
     from clipscope.pipelines.worlds.shapes.demo import vocabulary
 
@@ -131,8 +120,12 @@ def measure(checkpoint: str, work: Path, log: Callable[[str], None] = print) -> 
     from clipscope.pipelines.texts.pools import get_pool
     from clipscope.pipelines.worlds.shapes import interpret_demo as demo
     from clipscope.pipelines.worlds.shapes import rosetta_zoo
-    from clipscope.pipelines.worlds.shapes.applications import concept_hits, neuron_segmentation, spurious_table
+    from clipscope.pipelines.worlds.shapes.applications import (concept_hits, extract_store, neuron_segmentation,
+                                                                spurious_table)
     from clipscope.pipelines.worlds.shapes.train import SHAPES_MODEL, load_shapes_model
+
+    def _extract(data: Path, out: Path, pretrained: str, **options):
+        return extract_store(data, out, pretrained, batch_size=64, progress="off", **options)
 
     work.mkdir(parents=True, exist_ok=True)
     loaded = load_shapes_model(path=checkpoint)
@@ -146,7 +139,7 @@ def measure(checkpoint: str, work: Path, log: Callable[[str], None] = print) -> 
     noise = _extract(work / "mixed-data", work / "random.zarr", "none")
     mixed_rows, single_rows = demo.scenes_of(mixed, 0), demo.scenes_of(single, 2, world.WorldConfig(counts=(1,)))
     log("TextSpan and roles")
-    role = _roles(mixed, loaded)
+    role = textspan_roles(mixed, loaded)
     out: dict = {"checkpoint": checkpoint}
     out["nn"] = {_head(h): demo.neighbour_agreement(single, single_rows, [h]) for h in COLOUR_HEADS + SHAPE_HEADS}
     out["nn_colours"] = demo.neighbour_agreement(single, single_rows, role.heads_with("colours"))
@@ -154,7 +147,7 @@ def measure(checkpoint: str, work: Path, log: Callable[[str], None] = print) -> 
     out["topic"] = demo.topic_localisation(mixed, mixed_rows, TOPIC_HEAD, loaded=loaded)
     out["contrast"] = demo.contrast_sign(mixed, mixed_rows, head=None, loaded=loaded)
     out["roles"] = [role.label_of(*h) for h in COLOUR_HEADS + SHAPE_HEADS]
-    out["association"] = (role.association, _roles(noise, load_model(SHAPES_MODEL, "none")).association)
+    out["association"] = (role.association, textspan_roles(noise, load_model(SHAPES_MODEL, "none")).association)
     out["segment"] = {m: segment.run(single, segment.Settings(method=m, task="shapes", target="main"),
                                      loaded=loaded).miou for m in ("tokens", "random")}
     log("Rosetta R1")

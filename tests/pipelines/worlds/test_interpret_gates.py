@@ -12,6 +12,7 @@ import pytest
 
 from clipscope.pipelines.worlds.shapes import interpret_demo as demo
 from clipscope.pipelines.worlds.shapes import world
+from clipscope.pipelines.worlds.shapes.gates import textspan_roles
 from clipscope.storage.store import RunStore
 
 pytestmark = pytest.mark.slow
@@ -30,16 +31,6 @@ def _extract(tmp, name, seed, n_shards, per_shard, model_args, flags=(), **world
     return RunStore.open(url, "r+")
 
 
-def _roles(store, loaded):
-    from clipscope.pipelines.jobs import roles, textspan
-    from clipscope.pipelines.worlds.shapes.demo import vocabulary
-
-    texts, _ = vocabulary()
-    textspan.run(store, textspan.Settings(layers=(0, 1, 2, 3), texts=tuple(texts), pool="shapes-vocabulary",
-                                          basis_size=8, span_rank=32), loaded=loaded)
-    return roles.run(store, roles.Settings())
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     from clipscope.pipelines.models.loading import load_model
@@ -52,8 +43,8 @@ def stores(tmp_path_factory):
     single = _extract(tmp, "single", 2, 2, 100, trained, ("--token-sum", "--attention-layers", "3", "--masks"),
                       counts=(1,))
     noise = _extract(tmp, "random", 0, 2, 128, ("--model", SHAPES_MODEL, "--pretrained", "none"))
-    return {"loaded": loaded, "mixed": mixed, "single": single, "roles": _roles(mixed, loaded),
-            "random_roles": _roles(noise, load_model(SHAPES_MODEL, "none")),
+    return {"loaded": loaded, "mixed": mixed, "single": single, "roles": textspan_roles(mixed, loaded),
+            "random_roles": textspan_roles(noise, load_model(SHAPES_MODEL, "none")),
             "mixed_rows": demo.scenes_of(mixed, 0), "single_rows": demo.scenes_of(single, 2, world.WorldConfig(counts=(1,)))}
 
 
